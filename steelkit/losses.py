@@ -1,0 +1,42 @@
+"""Segmentation losses: functions of tensors, thin modules around them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["soft_dice_loss", "bce_dice_loss", "BCEDiceLoss"]
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """``1 - mean soft Dice`` over images and classes.
+
+    Args:
+        logits: ``(N, C, H, W)`` raw scores.
+        target: ``(N, C, H, W)`` {0, 1}.
+        eps: smoothing added to numerator and denominator (an empty truth with an empty prediction scores ~1).
+    """
+    prob = torch.sigmoid(logits.float())
+    target = target.float()
+    inter = (prob * target).sum((-2, -1))
+    total = prob.sum((-2, -1)) + target.sum((-2, -1))
+    return 1.0 - ((2.0 * inter + eps) / (total + eps)).mean()
+
+
+def bce_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 1.0, dice_weight: float = 1.0
+) -> torch.Tensor:
+    """``bce_weight * BCE-with-logits + dice_weight * soft Dice loss``; shapes as in :func:`soft_dice_loss`."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return bce_weight * bce + dice_weight * soft_dice_loss(logits, target)
+
+
+class BCEDiceLoss(nn.Module):
+    def __init__(self, bce_weight: float = 1.0, dice_weight: float = 1.0) -> None:
+        super().__init__()
+        self.bce_weight = bce_weight
+        self.dice_weight = dice_weight
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bce_dice_loss(logits, target, self.bce_weight, self.dice_weight)

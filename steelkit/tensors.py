@@ -1,0 +1,78 @@
+"""Tensor helpers shared by training and the kernel: input normalisation, resolution scaling and flip TTA."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["normalize", "resize_to", "TTA_VIEWS", "tta_views", "apply_tta"]
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Grey uint8 images to normalised float input.
+
+    Args:
+        images: ``(N, 1, H, W)`` uint8 grey (or ``(N, 3, H, W)``).
+        mean, std: per-channel statistics of ``image / 255``; their length is the model's channel count.
+
+    Returns:
+        ``(N, len(mean), H, W)`` float32 ``(image / 255 - mean) / std``.
+    """
+    x = images.float().div_(255.0)
+    channels = len(mean)
+    if x.shape[1] == 1 and channels != 1:
+        x = x.expand(-1, channels, -1, -1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def resize_to(x: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize ``(N, C, H, W)`` to ``size``; a no-op when already that size.
+
+    ``mode="area"`` for shrinking images (equals cv2.INTER_AREA at integer factors), ``"bilinear"`` for growing
+    logits or probabilities, ``"nearest"`` for masks.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "bilinear":
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=size, mode=mode)
+
+
+#: TTA view sets by name: each view is (flip dims); the identity view is always first
+TTA_VIEWS = {
+    "none": ((),),
+    "h": ((), (-1,)),
+    "v": ((), (-2,)),
+    "hv": ((), (-1,), (-2,), (-2, -1)),
+}
+
+
+def tta_views(name: str) -> Tuple[Tuple[int, ...], ...]:
+    """Flip dims of each view of a TTA set; raises ``KeyError`` listing the valid names."""
+    if name not in TTA_VIEWS:
+        raise KeyError(f"unknown TTA {name!r}; valid: {sorted(TTA_VIEWS)}")
+    return TTA_VIEWS[name]
+
+
+def apply_tta(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, views: Sequence[Tuple[int, ...]]) -> torch.Tensor:
+    """Mean of ``fn`` over flipped views, each output flipped back (augment / de-augment pairs).
+
+    Args:
+        fn: maps ``(N, C, H, W)`` to ``(N, K, H, W)`` (e.g. per-class probabilities).
+        x: the input batch.
+        views: flip dims per view, e.g. ``tta_views("hv")``.
+    """
+    total: List[torch.Tensor] = []
+    for dims in views:
+        if dims:
+            total.append(torch.flip(fn(torch.flip(x, dims)), dims))
+        else:
+            total.append(fn(x))
+    out = total[0]
+    for other in total[1:]:
+        out = out + other
+    return out / len(total)
