@@ -1,0 +1,147 @@
+"""The ``steelkit`` console script: thin argument parsing over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _synth(args) -> None:
+    from .synth import synthesize
+
+    summary = synthesize(
+        args.out, args.n_train, args.n_test, args.seed, args.height, args.width, args.mask_source, args.layout
+    )
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict) or len(v) < 10}, indent=2, default=str))
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config)
+    train(cfg, args.data, args.out, device=args.device, folds_to_train=args.folds, progress=not args.quiet)
+
+
+def _export(args) -> None:
+    from .export import export_run
+
+    export_run(args.runs, args.data, args.out, max_oof_images=args.max_oof_images)
+
+
+def _kernel(args) -> None:
+    from .kernel import KernelSettings, run_kernel
+
+    run_kernel(
+        KernelSettings(
+            input_root=args.input_root,
+            working_dir=args.working_dir,
+            competition_dir=args.competition_dir,
+            dataset_dir=args.dataset_dir,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            tta=args.tta,
+            device=args.device,
+            time_limit=args.time_limit,
+        )
+    )
+
+
+def _score(args) -> None:
+    from .scoring import score_submission_file
+
+    score = score_submission_file(args.submission, args.sample, args.labels)
+    print(score.summary())
+
+
+def _presets(args) -> None:
+    from .config import PRESETS_DIR, preset_names
+
+    for name in preset_names():
+        first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:16s} {first}")
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.workdir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, preset=args.preset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steelkit", description="Severstal steel defect segmentation toolkit")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic competition folder in the real layout")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=1600)
+    p.add_argument("--mask-source", default=None, help="borrow real mask geometry from a Severstal train.csv")
+    p.add_argument("--layout", choices=["new", "old"], default="new", help="CSV layout to write")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("train", help="train every fold of a config or preset")
+    p.add_argument("--config", required=True, help="a YAML file or a preset name (see `steelkit presets`)")
+    p.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, train_images/)")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--device", default=None)
+    p.add_argument("--folds", type=int, nargs="*", default=None, help="train only these folds")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="TorchScript every fold of a run and write weights_manifest.json")
+    p.add_argument("--runs", type=Path, required=True, help="run folder written by `steelkit train`")
+    p.add_argument("--data", type=Path, required=True, help="the competition folder the run trained on")
+    p.add_argument("--out", type=Path, default=None, help="default: RUNS/export")
+    p.add_argument("--max-oof-images", type=int, default=2000, help="images used by the default-threshold search")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("kernel", help="run the kernel in this process (kernels/inference.py is the Kaggle entry)")
+    p.add_argument("--input-root", type=Path, default=Path("/kaggle/input"))
+    p.add_argument("--working-dir", type=Path, default=Path("/kaggle/working"))
+    p.add_argument("--competition-dir", type=Path, default=None)
+    p.add_argument("--dataset-dir", type=Path, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--tta", default="h", choices=["none", "h", "v", "hv"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--time-limit", type=float, default=3300.0)
+    p.set_defaults(func=_kernel)
+
+    p = sub.add_parser("score", help="score a submission against labels with the competition metric")
+    p.add_argument("submission", type=Path)
+    p.add_argument("--sample", type=Path, required=True, help="the sample_submission.csv it answers")
+    p.add_argument("--labels", type=Path, required=True, help="true masks (train.csv layout)")
+    p.set_defaults(func=_score)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    p.set_defaults(func=_presets)
+
+    p = sub.add_parser("demo", help="synthesise, train, export, build the dataset, run the kernel offline, score")
+    p.add_argument("--workdir", type=Path, default=Path("demo_run"))
+    p.add_argument("--n-train", type=int, default=600)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="cpu-tiny")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        print(f"steelkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

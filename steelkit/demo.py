@@ -1,0 +1,164 @@
+"""The main job end to end on the built-in synthetic competition, exactly as a competitor runs it.
+
+synthesise -> train a preset -> export to TorchScript + manifest -> build the Kaggle dataset folder -> lay out a
+simulated ``/kaggle/input`` -> run ``kernels/inference.py`` as a subprocess with networking disabled, installing the
+wheel offline from the dataset folder -> score the submission on the hidden labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .constants import COMPETITION_SLUG, SAMPLE_SUBMISSION_CSV
+from .images import list_images, read_grey
+
+__all__ = ["offline_prefix", "simulate_kaggle_input", "run_kernel_subprocess", "run_demo"]
+
+
+def offline_prefix() -> List[str]:
+    """``["unshare", "-rn"]`` when this machine can run a command in a new network namespace (no network at all),
+    else ``[]``."""
+    if shutil.which("unshare") is None:
+        return []
+    probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True)
+    return ["unshare", "-rn"] if probe.returncode == 0 else []
+
+
+def simulate_kaggle_input(root: Path, competition: Path, dataset: Path, nested: bool = False) -> Path:
+    """Lay out ``root/input`` as Kaggle mounts it: links to the competition folder and the dataset folder.
+
+    ``nested=True`` uses the newer deeper mounts (``competitions/<slug>``, ``datasets/<owner>/<slug>``).
+    """
+    input_root = Path(root) / "input"
+    if input_root.exists():
+        shutil.rmtree(input_root)
+    if nested:
+        links = {input_root / "competitions" / COMPETITION_SLUG: competition, input_root / "datasets" / "owner" / dataset.name: dataset}
+    else:
+        links = {input_root / COMPETITION_SLUG: competition, input_root / dataset.name: dataset}
+    for link, target in links.items():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(target).resolve(), target_is_directory=True)
+    return input_root
+
+
+def run_kernel_subprocess(
+    input_root: Path, working_dir: Path, extra_args: Sequence[str] = (), offline: bool = True, timeout: float = 3600
+) -> subprocess.CompletedProcess:
+    """Run ``kernels/inference.py`` as Kaggle would: a fresh process, a fresh working folder, no network, no
+    ``PYTHONPATH``; the kernel itself installs steelkit from the dataset's wheel with ``pip --no-index``."""
+    from .packaging import project_root
+
+    working_dir = Path(working_dir)
+    if working_dir.exists():
+        shutil.rmtree(working_dir)
+    working_dir.mkdir(parents=True)
+    script = project_root() / "kernels" / "inference.py"
+    command = [sys.executable, str(script), "--input-root", str(input_root), "--working-dir", str(working_dir)]
+    command = (offline_prefix() if offline else []) + command + list(extra_args)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update({"PYTHONNOUSERSITE": "1", "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull})
+    return subprocess.run(command, cwd=working_dir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _overlay_png(competition: Path, submission: Path, path: Path, shape, count: int = 4) -> None:
+    """A few test images with the predicted masks drawn over them (class colours), stacked into one PNG."""
+    import cv2
+    import numpy as np
+
+    from .csvio import read_sample_submission, read_submission
+    from .rle import decode
+
+    colours = {1: (0, 0, 255), 2: (0, 255, 255), 3: (0, 255, 0), 4: (255, 0, 0)}
+    frame = read_submission(submission, read_sample_submission(competition / SAMPLE_SUBMISSION_CSV), shape)
+    with_masks = list(dict.fromkeys(frame.loc[frame["EncodedPixels"] != "", "ImageId"]))[:count]
+    tiles = []
+    for image_id in with_masks:
+        image = cv2.cvtColor(read_grey(competition / "test_images" / image_id), cv2.COLOR_GRAY2BGR)
+        for class_id, rle in frame.loc[frame["ImageId"] == image_id, ["ClassId", "EncodedPixels"]].itertuples(False):
+            contours, _ = cv2.findContours(decode(rle, shape), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(image, contours, -1, colours[int(class_id)], 2)
+        cv2.putText(image, image_id, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+        tiles.append(image)
+    if tiles:
+        cv2.imwrite(str(path), np.concatenate(tiles, axis=0))
+
+
+def run_demo(
+    workdir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, preset: str = "cpu-tiny", offline: bool = True
+) -> Dict:
+    """Run the whole product on a synthetic competition and print the submission's Dice with timings.
+
+    Returns:
+        The summary also written to ``workdir/demo_summary.json``.
+    """
+    from .config import load_config
+    from .export import export_run
+    from .packaging import build_dataset
+    from .scoring import score_submission_file
+    from .synth import synthesize
+    from .train import train
+
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    timings: Dict[str, float] = {}
+    competition = workdir / "competition"
+    labels = workdir / "competition_test_labels.csv"
+
+    def timed(name, fn, *args, **kwargs):
+        print(f"\n== {name}", flush=True)
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - start, 1)
+        return out
+
+    timed("synthesise", synthesize, competition, n_train, n_test, seed, labels_path=str(labels))
+    cfg = load_config(preset)
+    runs = workdir / "runs" / cfg.name
+    timed("train", train, cfg, competition, runs)
+    timed("export", export_run, runs, competition)
+    dist = workdir / "dist" / "steelkit-weights"
+    timed("build dataset", build_dataset, runs / "export" / "weights_manifest.json", dist, "steelkit-demo/steelkit-weights")
+    input_root = simulate_kaggle_input(workdir / "kaggle", competition, dist)
+    working = workdir / "kaggle" / "working"
+    prefix = offline_prefix() if offline else []
+    print(f"\n== kernel ({' '.join(prefix) or 'network NOT disabled: unshare unavailable'})", flush=True)
+    start = time.perf_counter()
+    result = run_kernel_subprocess(input_root, working, ["--device", "cpu"], offline=offline)
+    timings["kernel"] = round(time.perf_counter() - start, 1)
+    print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the kernel exited with {result.returncode}")
+    submission = working / "submission.csv"
+    shape = read_grey(competition / "test_images" / list_images(competition / "test_images")[0]).shape
+    score = score_submission_file(submission, competition / SAMPLE_SUBMISSION_CSV, labels, shape)
+    _overlay_png(competition, submission, workdir / "test_predictions.png", shape)
+    report = json.loads((working / "kernel_report.json").read_text())
+    summary = {
+        "dice": score.mean,
+        "per_class": score.per_class,
+        "all_empty": score.all_empty,
+        "n_pairs": score.n_pairs,
+        "timings_s": timings,
+        "kernel_outcome": report["outcome"],
+        "kernel_problems": report["problems"],
+        "network_disabled": bool(prefix),
+        "submission": str(submission),
+    }
+    (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    total = sum(timings.values())
+    print(
+        f"\nsteelkit demo: submission {score.summary()}; "
+        f"{'beats' if score.mean > score.all_empty else 'DOES NOT beat'} the all-empty submission; "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+        + f"; total {total:.0f}s; overlay PNG {workdir / 'test_predictions.png'}",
+        flush=True,
+    )
+    return summary
