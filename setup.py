@@ -19,7 +19,7 @@ setup(
     name="steelkit",
     version="0.1.0",
     description="Train, export and run Severstal steel defect segmentation inside one offline Kaggle kernel",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     packages=find_packages(include=["steelkit", "steelkit.*"]),
     package_data={"steelkit": ["presets/*.yaml"]},
     # what the kernel needs at run time on Kaggle (all preinstalled there)

@@ -52,8 +52,13 @@ def walk(root, max_depth=MAX_DEPTH):
 
 def find_wheel(args):
     roots = [args.dataset_dir] if args.dataset_dir else [args.input_root]
-    wheels = sorted(folder / f for root in roots for folder, files in walk(root) for f in files
-                    if f.startswith("steelkit-") and f.endswith(".whl"))
+    wheels = sorted(
+        folder / f
+        for root in roots
+        for folder, files in walk(root)
+        for f in files
+        if f.startswith("steelkit-") and f.endswith(".whl")
+    )
     if not wheels:
         raise FileNotFoundError(f"no steelkit-*.whl under {roots[0]}")
     return wheels[-1]
@@ -61,8 +66,21 @@ def find_wheel(args):
 
 def install(wheel, target):
     """pip install the wheel offline into target and put it first on sys.path."""
-    command = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--upgrade", "--quiet",
-               "--target", str(target), "--find-links", str(wheel.parent), str(wheel)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--upgrade",
+        "--quiet",
+        "--target",
+        str(target),
+        "--find-links",
+        str(wheel.parent),
+        str(wheel),
+    ]
     print("steelkit bootstrap:", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     sys.path.insert(0, str(target))
@@ -76,11 +94,16 @@ def fallback_submission(args):
     if args.competition_dir:
         samples = [args.competition_dir / "sample_submission.csv"]
     else:
-        samples = [folder / "sample_submission.csv" for folder, files in walk(args.input_root)
-                   if "sample_submission.csv" in files]
+        samples = [
+            folder / "sample_submission.csv"
+            for folder, files in walk(args.input_root)
+            if "sample_submission.csv" in files
+        ]
     if not samples:
-        print(f"steelkit bootstrap: no sample_submission.csv under {args.input_root}; cannot write a submission",
-              flush=True)
+        print(
+            f"steelkit bootstrap: no sample_submission.csv under {args.input_root}; cannot write a submission",
+            flush=True,
+        )
         return
     with open(samples[0], newline="") as handle:
         rows = list(csv.reader(handle))

@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 
 def _synth(args) -> None:
@@ -15,7 +14,9 @@ def _synth(args) -> None:
     summary = synthesize(
         args.out, args.n_train, args.n_test, args.seed, args.height, args.width, args.mask_source, args.layout
     )
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict) or len(v) < 10}, indent=2, default=str))
+    print(
+        json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict) or len(v) < 10}, indent=2, default=str)
+    )
 
 
 def _train(args) -> None:
@@ -133,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

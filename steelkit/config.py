@@ -13,21 +13,22 @@ A config is a YAML file (or a preset name, see :func:`preset_names`) with four s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, TypeVar
 
 __all__ = [
-    "ModelConfig",
-    "DataConfig",
-    "OptimConfig",
-    "LossConfig",
-    "TrainConfig",
-    "PRESETS_DIR",
-    "preset_names",
-    "load_config",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PRESETS_DIR",
+    "DataConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "load_config",
+    "preset_names",
 ]
 
 #: per-channel mean and std of ImageNet in [0, 1]; the grey image is repeated into 3 channels before normalising
@@ -39,7 +40,7 @@ PRESETS_DIR = Path(__file__).with_name("presets")
 T = TypeVar("T")
 
 
-def _build(cls: Type[T], values: Optional[Mapping[str, Any]], where: str) -> T:
+def _build(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
     values = dict(values or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
@@ -65,8 +66,8 @@ class ModelConfig:
 
     arch: str = "unet"
     encoder: str = "resnet18"
-    encoder_weights: Optional[str] = None
-    decoder_channels: Optional[Tuple[int, ...]] = None
+    encoder_weights: str | None = None
+    decoder_channels: tuple[int, ...] | None = None
     activation: str = "sigmoid"
 
     def __post_init__(self) -> None:
@@ -91,16 +92,16 @@ class DataConfig:
     """
 
     scale: float = 1.0
-    crop_height: Optional[int] = None
-    crop_width: Optional[int] = None
+    crop_height: int | None = None
+    crop_width: int | None = None
     batch_size: int = 8
     num_workers: int = 2
     folds: int = 5
-    train_folds: Optional[Tuple[int, ...]] = None
+    train_folds: tuple[int, ...] | None = None
     hflip: float = 0.5
     vflip: float = 0.5
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
@@ -113,7 +114,7 @@ class DataConfig:
             raise ValueError("data.mean and data.std need 3 values (the grey image is fed as 3 channels)")
 
     @property
-    def fold_ids(self) -> Tuple[int, ...]:
+    def fold_ids(self) -> tuple[int, ...]:
         return tuple(range(self.folds)) if self.train_folds is None else tuple(self.train_folds)
 
 
@@ -124,7 +125,7 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 10
-    steps_per_epoch: Optional[int] = None
+    steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0:
@@ -151,23 +152,23 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         values = dict(values)
         sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig}
         for key, sub in sections.items():
             values[key] = _build(sub, values.get(key), f"config section {key!r}")
         return _build(cls, values, "config")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def preset_names() -> Tuple[str, ...]:
+def preset_names() -> tuple[str, ...]:
     """Names of the shipped presets."""
     return tuple(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
 
 
-def load_config(source: Union[str, Path]) -> TrainConfig:
+def load_config(source: str | Path) -> TrainConfig:
     """Load a config from a YAML path or a preset name.
 
     Raises:

@@ -15,33 +15,45 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .constants import CLASS_ID, CLASS_IDS, ENCODED, IMAGE_ID, IMAGE_SHAPE, NEW_SUBMISSION_COLUMNS, NEW_TRAIN_COLUMNS, OLD_COLUMNS, OLD_KEY
+from .constants import (
+    CLASS_ID,
+    CLASS_IDS,
+    ENCODED,
+    IMAGE_ID,
+    IMAGE_SHAPE,
+    NEW_SUBMISSION_COLUMNS,
+    NEW_TRAIN_COLUMNS,
+    OLD_COLUMNS,
+    OLD_KEY,
+)
 from .rle import parse_runs
 
 __all__ = [
     "Labels",
     "SampleSubmission",
-    "read_rows",
+    "all_empty_predictions",
+    "format_rows",
+    "label_statistics",
+    "labels_for",
     "read_labels",
+    "read_rows",
     "read_sample_submission",
     "read_submission",
     "write_csv_atomic",
-    "format_rows",
     "write_submission",
-    "all_empty_predictions",
-    "labels_for",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 #: (image id, class id) -> RLE string
-Predictions = Mapping[Tuple[str, int], str]
+Predictions = Mapping[tuple[str, int], str]
 
 
 def _detect_layout(columns: Sequence[str], path: PathLike) -> str:
@@ -56,7 +68,7 @@ def _detect_layout(columns: Sequence[str], path: PathLike) -> str:
     )
 
 
-def read_rows(path: PathLike) -> Tuple[pd.DataFrame, str, Tuple[str, ...]]:
+def read_rows(path: PathLike) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
     """Read any competition CSV into canonical columns.
 
     Returns:
@@ -76,7 +88,9 @@ def read_rows(path: PathLike) -> Tuple[pd.DataFrame, str, Tuple[str, ...]]:
         parts = frame[OLD_KEY].str.rsplit("_", n=1, expand=True)
         if parts.shape[1] != 2 or parts[1].isna().any():
             bad = int(np.flatnonzero(parts[1].isna())[0]) if parts.shape[1] == 2 else 0
-            raise ValueError(f"{path}: row {rows[bad]}: {OLD_KEY} {frame[OLD_KEY].iloc[bad]!r} is not '<image>_<class>'")
+            raise ValueError(
+                f"{path}: row {rows[bad]}: {OLD_KEY} {frame[OLD_KEY].iloc[bad]!r} is not '<image>_<class>'"
+            )
         image_ids, class_text = parts[0], parts[1]
     else:
         image_ids, class_text = frame[IMAGE_ID], frame[CLASS_ID]
@@ -99,7 +113,7 @@ def read_rows(path: PathLike) -> Tuple[pd.DataFrame, str, Tuple[str, ...]]:
     return out, layout, columns
 
 
-def _check_rles(frame: pd.DataFrame, path: PathLike, shape: Tuple[int, int], on_error: str) -> np.ndarray:
+def _check_rles(frame: pd.DataFrame, path: PathLike, shape: tuple[int, int], on_error: str) -> np.ndarray:
     """Validate every RLE; return a keep-mask. ``on_error="raise"`` raises on the first bad row."""
     keep = np.ones(len(frame), dtype=bool)
     for i, (image_id, class_id, rle, row) in enumerate(frame[[IMAGE_ID, CLASS_ID, ENCODED, "row"]].itertuples(False)):
@@ -126,12 +140,12 @@ class Labels:
     """
 
     frame: pd.DataFrame
-    image_ids: Tuple[str, ...]
+    image_ids: tuple[str, ...]
     layout: str
     path: str
     skipped: int = 0
 
-    def as_dict(self) -> Dict[Tuple[str, int], str]:
+    def as_dict(self) -> dict[tuple[str, int], str]:
         """``{(image id, class id): rle}`` for every defective pair."""
         return dict(zip(zip(self.frame[IMAGE_ID], self.frame[CLASS_ID]), self.frame[ENCODED]))
 
@@ -144,7 +158,7 @@ class Labels:
         return flags
 
 
-def read_labels(path: PathLike, shape: Tuple[int, int] = IMAGE_SHAPE, on_error: str = "raise") -> Labels:
+def read_labels(path: PathLike, shape: tuple[int, int] = IMAGE_SHAPE, on_error: str = "raise") -> Labels:
     """Read a train.csv in either layout and validate every mask.
 
     Args:
@@ -187,16 +201,16 @@ class SampleSubmission:
 
     frame: pd.DataFrame
     layout: str
-    columns: Tuple[str, ...]
+    columns: tuple[str, ...]
     path: str
 
     @property
-    def image_ids(self) -> List[str]:
+    def image_ids(self) -> list[str]:
         """Unique test image ids in first-appearance order."""
         return list(pd.unique(self.frame[IMAGE_ID]))
 
     @property
-    def keys(self) -> List[Tuple[str, int]]:
+    def keys(self) -> list[tuple[str, int]]:
         """``(image id, class id)`` of every row, in order."""
         return list(zip(self.frame[IMAGE_ID], self.frame[CLASS_ID].tolist()))
 
@@ -231,7 +245,7 @@ def format_rows(sample: SampleSubmission, predictions: Predictions) -> pd.DataFr
     return pd.DataFrame(data)[list(sample.columns)]
 
 
-def read_submission(path: PathLike, sample: SampleSubmission, shape: Tuple[int, int] = IMAGE_SHAPE) -> pd.DataFrame:
+def read_submission(path: PathLike, sample: SampleSubmission, shape: tuple[int, int] = IMAGE_SHAPE) -> pd.DataFrame:
     """Read a submission and check it answers ``sample``: same layout, same rows in the same order, valid RLE.
 
     Returns:
@@ -289,7 +303,7 @@ def write_submission(
     sample: SampleSubmission,
     predictions: Predictions,
     path: PathLike,
-    shape: Tuple[int, int] = IMAGE_SHAPE,
+    shape: tuple[int, int] = IMAGE_SHAPE,
 ) -> Path:
     """Validate and atomically write a submission answering ``sample``.
 
@@ -313,12 +327,33 @@ def write_submission(
     return write_csv_atomic(frame, path)
 
 
-def all_empty_predictions(sample: SampleSubmission) -> Dict[Tuple[str, int], str]:
+def all_empty_predictions(sample: SampleSubmission) -> dict[tuple[str, int], str]:
     """The all-empty answer: every pair empty (scores about 0.856 on the public leaderboard)."""
     return {key: "" for key in sample.keys}
 
 
-def labels_for(labels: Optional[Labels], keys: Sequence[Tuple[str, int]]) -> List[str]:
+def labels_for(labels: Labels | None, keys: Sequence[tuple[str, int]]) -> list[str]:
     """Truth RLE for each key (``""`` where the labels have no mask)."""
     truth = labels.as_dict() if labels is not None else {}
     return [truth.get(key, "") for key in keys]
+
+
+def label_statistics(flags: np.ndarray) -> dict[str, Any]:
+    """Image-level statistics of ``(N, 4)`` class-presence flags (e.g. ``Labels.classes_of(all train images)``).
+
+    Returns:
+        ``images``, ``images_per_class`` (per class id), ``defective``, ``clean``, ``images_by_class_count``
+        (``{0: clean, 1: ..., 2: ..., 3: ...}``), ``empty_pair_fraction``.
+    """
+    flags = np.asarray(flags).astype(bool)
+    per_image = flags.sum(1)
+    return {
+        "images": len(flags),
+        "images_per_class": {c: int(n) for c, n in zip(CLASS_IDS, flags.sum(0))},
+        "defective": int((per_image > 0).sum()),
+        "clean": int((per_image == 0).sum()),
+        "images_by_class_count": {
+            k: int((per_image == k).sum()) for k in range(len(CLASS_IDS) + 1) if (per_image == k).any()
+        },
+        "empty_pair_fraction": float(1.0 - flags.mean()) if flags.size else 1.0,
+    }

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -17,7 +17,7 @@ from .csvio import Labels, read_labels
 from .images import list_images, read_grey
 from .rle import decode
 
-__all__ = ["TrainingSet", "load_training_set", "assign_folds", "SteelDataset", "build_augment"]
+__all__ = ["SteelDataset", "TrainingSet", "assign_folds", "build_augment", "load_training_set"]
 
 
 class TrainingSet:
@@ -31,13 +31,13 @@ class TrainingSet:
         shape: ``(H, W)`` of the images.
     """
 
-    def __init__(self, folder: Path, image_ids: List[str], labels: Labels, shape: Tuple[int, int]) -> None:
+    def __init__(self, folder: Path, image_ids: list[str], labels: Labels, shape: tuple[int, int]) -> None:
         self.folder = Path(folder)
         self.image_ids = image_ids
         self.labels = labels
         self.flags = labels.classes_of(image_ids)
         self.shape = shape
-        self._rles: Dict[str, Dict[int, str]] = {}
+        self._rles: dict[str, dict[int, str]] = {}
         for image_id, class_id, rle in labels.frame[["ImageId", "ClassId", "EncodedPixels"]].itertuples(False):
             self._rles.setdefault(image_id, {})[int(class_id)] = rle
 
@@ -135,7 +135,7 @@ class SteelDataset(Dataset):
         """Crops depend on (seed, epoch, index) only, so runs are reproducible whatever the worker count."""
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_id = self.image_ids[index]
         image = read_grey(self.data.image_path(image_id), self.data.shape)
         masks = self.data.masks(image_id).transpose(1, 2, 0)  # (H, W, 4)
@@ -153,7 +153,9 @@ class SteelDataset(Dataset):
             out = self.augment(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(masks))
             image, masks = out["image"], out["mask"]
         image = torch.from_numpy(np.ascontiguousarray(image))[None]
-        masks = torch.from_numpy(np.ascontiguousarray(masks.reshape(masks.shape[0], masks.shape[1], -1))).permute(2, 0, 1)
+        masks = torch.from_numpy(np.ascontiguousarray(masks.reshape(masks.shape[0], masks.shape[1], -1))).permute(
+            2, 0, 1
+        )
         return image, masks.contiguous()
 
 

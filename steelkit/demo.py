@@ -13,16 +13,16 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 from .constants import COMPETITION_SLUG, SAMPLE_SUBMISSION_CSV
 from .images import list_images, read_grey
 
-__all__ = ["offline_prefix", "simulate_kaggle_input", "run_kernel_subprocess", "run_demo"]
+__all__ = ["offline_prefix", "run_demo", "run_kernel_subprocess", "simulate_kaggle_input"]
 
 
-def offline_prefix() -> List[str]:
+def offline_prefix() -> list[str]:
     """``["unshare", "-rn"]`` when this machine can run a command in a new network namespace (no network at all),
     else ``[]``."""
     if shutil.which("unshare") is None:
@@ -40,7 +40,10 @@ def simulate_kaggle_input(root: Path, competition: Path, dataset: Path, nested: 
     if input_root.exists():
         shutil.rmtree(input_root)
     if nested:
-        links = {input_root / "competitions" / COMPETITION_SLUG: competition, input_root / "datasets" / "owner" / dataset.name: dataset}
+        links = {
+            input_root / "competitions" / COMPETITION_SLUG: competition,
+            input_root / "datasets" / "owner" / dataset.name: dataset,
+        }
     else:
         links = {input_root / COMPETITION_SLUG: competition, input_root / dataset.name: dataset}
     for link, target in links.items():
@@ -93,7 +96,7 @@ def _overlay_png(competition: Path, submission: Path, path: Path, shape, count: 
 
 def run_demo(
     workdir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, preset: str = "cpu-tiny", offline: bool = True
-) -> Dict:
+) -> dict:
     """Run the whole product on a synthetic competition and print the submission's Dice with timings.
 
     Returns:
@@ -108,7 +111,7 @@ def run_demo(
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    timings: Dict[str, float] = {}
+    timings: dict[str, float] = {}
     competition = workdir / "competition"
     labels = workdir / "competition_test_labels.csv"
 
@@ -125,7 +128,13 @@ def run_demo(
     timed("train", train, cfg, competition, runs)
     timed("export", export_run, runs, competition)
     dist = workdir / "dist" / "steelkit-weights"
-    timed("build dataset", build_dataset, runs / "export" / "weights_manifest.json", dist, "steelkit-demo/steelkit-weights")
+    timed(
+        "build dataset",
+        build_dataset,
+        runs / "export" / "weights_manifest.json",
+        dist,
+        "steelkit-demo/steelkit-weights",
+    )
     input_root = simulate_kaggle_input(workdir / "kaggle", competition, dist)
     working = workdir / "kaggle" / "working"
     prefix = offline_prefix() if offline else []

@@ -11,7 +11,6 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,13 +22,13 @@ from .models import build_segmenter
 from .search import search_postprocess, summarize
 from .train import load_checkpoint
 
-__all__ = ["script_model", "export_run", "oof_arrays"]
+__all__ = ["export_run", "oof_arrays", "script_model"]
 
 #: input shape of the eager-vs-scripted check: small, non-square, divisible by 32
 CHECK_SHAPE = (2, 3, 64, 192)
 
 
-def script_model(model: torch.nn.Module, path: Path, check_shape: Tuple[int, ...] = CHECK_SHAPE) -> None:
+def script_model(model: torch.nn.Module, path: Path, check_shape: tuple[int, ...] = CHECK_SHAPE) -> None:
     """Script ``model``, save it to ``path``, reload it and compare it with eager on a random batch.
 
     Raises:
@@ -46,7 +45,7 @@ def script_model(model: torch.nn.Module, path: Path, check_shape: Tuple[int, ...
         torch.testing.assert_close(loaded.eval()(x), model(x), rtol=1e-4, atol=1e-4)
 
 
-def oof_arrays(run_dir: Path, data_dir: Path, folds: List[int], max_images: Optional[int] = None, seed: int = 0):
+def oof_arrays(run_dir: Path, data_dir: Path, folds: list[int], max_images: int | None = None, seed: int = 0):
     """Out-of-fold probabilities of a run with the matching truth at training resolution.
 
     Returns:
@@ -76,9 +75,7 @@ def oof_arrays(run_dir: Path, data_dir: Path, folds: List[int], max_images: Opti
     return np.concatenate(probs), np.concatenate(truth), np.concatenate(fold_of)
 
 
-def export_run(
-    run_dir: Path, data_dir: Path, out_dir: Optional[Path] = None, max_oof_images: int = 2000
-) -> Manifest:
+def export_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, max_oof_images: int = 2000) -> Manifest:
     """Export every fold of a run and write the manifest.
 
     Args:
@@ -144,7 +141,9 @@ def export_run(
     manifest = Manifest(
         models=tuple(entries),
         postprocess=postprocess,
-        files={"folds.csv": {"sha256": sha256_file(out_dir / "folds.csv"), "size": (out_dir / "folds.csv").stat().st_size}},
+        files={
+            "folds.csv": {"sha256": sha256_file(out_dir / "folds.csv"), "size": (out_dir / "folds.csv").stat().st_size}
+        },
         image_size=tuple(image_size),
         folder=out_dir,
     )

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Tuple, Union
 
 import cv2
 import numpy as np
 
-__all__ = ["read_grey", "list_images"]
+__all__ = ["list_images", "read_grey"]
 
 
-def read_grey(path: Union[str, os.PathLike], shape: Tuple[int, int] = None) -> np.ndarray:
+def read_grey(path: str | os.PathLike, shape: tuple[int, int] = None) -> np.ndarray:
     """Read an image as grey.
 
     Args:
@@ -35,6 +34,6 @@ def read_grey(path: Union[str, os.PathLike], shape: Tuple[int, int] = None) -> n
     return image
 
 
-def list_images(folder: Union[str, os.PathLike]) -> list:
+def list_images(folder: str | os.PathLike) -> list:
     """Sorted ``*.jpg`` file names in ``folder``."""
     return sorted(p.name for p in Path(folder).glob("*.jpg"))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["soft_dice_loss", "bce_dice_loss", "BCEDiceLoss"]
+__all__ = ["BCEDiceLoss", "bce_dice_loss", "soft_dice_loss"]
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

@@ -33,20 +33,20 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 from . import __version__
 from .constants import CLASS_IDS
 
 __all__ = [
-    "SCHEMA_VERSION",
     "MANIFEST_NAME",
     "MODEL_FIELDS",
-    "ModelEntry",
+    "SCHEMA_VERSION",
     "Manifest",
-    "sha256_file",
+    "ModelEntry",
     "load_manifest",
     "save_manifest",
+    "sha256_file",
     "verify_files",
 ]
 
@@ -55,7 +55,7 @@ SCHEMA_VERSION = 1
 #: the manifest's file name
 MANIFEST_NAME = "weights_manifest.json"
 #: required keys of a model entry, with their JSON types
-MODEL_FIELDS: Dict[str, type] = {
+MODEL_FIELDS: dict[str, type] = {
     "name": str,
     "file": str,
     "sha256": str,
@@ -76,7 +76,7 @@ MODEL_FIELDS: Dict[str, type] = {
 #: kinds of model the kernel knows
 MODEL_KINDS = ("segmenter", "classifier")
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -102,16 +102,16 @@ class ModelEntry:
     encoder: str
     fold: int
     folds: int
-    classes: List[int]
+    classes: list[int]
     activation: str
-    input: Dict[str, Any]
-    train_size: List[int]
-    val_metric: Dict[str, Any]
-    thresholds: Dict[str, Any]
-    extra: Dict[str, Any] = field(default_factory=dict)
+    input: dict[str, Any]
+    train_size: list[int]
+    val_metric: dict[str, Any]
+    thresholds: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any], where: str) -> "ModelEntry":
+    def from_dict(cls, values: dict[str, Any], where: str) -> ModelEntry:
         missing = [k for k in MODEL_FIELDS if k not in values]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}")
@@ -135,7 +135,7 @@ class ModelEntry:
         extra = {k: v for k, v in values.items() if k not in MODEL_FIELDS}
         return cls(**known, extra=extra)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in MODEL_FIELDS}
         out.update(self.extra)
         return out
@@ -145,17 +145,17 @@ class ModelEntry:
 class Manifest:
     """A loaded manifest. ``folder`` is where its files live."""
 
-    models: Tuple[ModelEntry, ...]
-    postprocess: Dict[str, Any]
-    files: Dict[str, Dict[str, Any]]
-    image_size: Tuple[int, int]
+    models: tuple[ModelEntry, ...]
+    postprocess: dict[str, Any]
+    files: dict[str, dict[str, Any]]
+    image_size: tuple[int, int]
     folder: Path
-    meta: Dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def path_of(self, name: str) -> Path:
         return self.folder / name
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
             "steelkit_version": self.meta.get("steelkit_version", __version__),
@@ -206,7 +206,7 @@ def load_manifest(path: PathLike) -> Manifest:
     )
 
 
-def save_manifest(manifest: Manifest, path: Optional[PathLike] = None) -> Path:
+def save_manifest(manifest: Manifest, path: PathLike | None = None) -> Path:
     """Write the manifest as indented JSON, atomically (default: ``folder/weights_manifest.json``)."""
     path = Path(path) if path is not None else manifest.folder / MANIFEST_NAME
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -217,15 +217,15 @@ def save_manifest(manifest: Manifest, path: Optional[PathLike] = None) -> Path:
     return path
 
 
-def verify_files(manifest: Manifest) -> Tuple[List[ModelEntry], List[str]]:
+def verify_files(manifest: Manifest) -> tuple[list[ModelEntry], list[str]]:
     """Check every model file and auxiliary file against its size and sha256.
 
     Returns:
         ``(good models, problems)``: models whose file exists and matches; one message per problem, naming the
         file and what is wrong. Auxiliary-file problems are reported but do not remove models.
     """
-    good: List[ModelEntry] = []
-    problems: List[str] = []
+    good: list[ModelEntry] = []
+    problems: list[str] = []
 
     def check(name: str, sha256: str, size: int) -> bool:
         path = manifest.path_of(name)

@@ -6,8 +6,8 @@ scored Severstal. The submission's score is the mean over all pairs of the sampl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def dice_masks(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return dice_from_areas((pred & truth).sum(axes), pred.sum(axes), truth.sum(axes))
 
 
-def dice_rles(pred: str, truth: str, shape: Tuple[int, int] = IMAGE_SHAPE) -> float:
+def dice_rles(pred: str, truth: str, shape: tuple[int, int] = IMAGE_SHAPE) -> float:
     """Dice of two RLE strings, computed on their runs without decoding."""
     p = parse_runs(pred, shape)
     t = parse_runs(truth, shape)
@@ -63,10 +63,10 @@ class Score:
     """
 
     mean: float
-    per_class: Dict[int, float]
+    per_class: dict[int, float]
     all_empty: float
     n_pairs: int
-    per_class_all_empty: Dict[int, float] = field(default_factory=dict)
+    per_class_all_empty: dict[int, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         classes = " ".join(f"c{c}={d:.4f}" for c, d in self.per_class.items())
@@ -74,7 +74,7 @@ class Score:
 
 
 def score_pairs(
-    pred: Sequence[str], truth: Sequence[str], class_ids: Sequence[int], shape: Tuple[int, int] = IMAGE_SHAPE
+    pred: Sequence[str], truth: Sequence[str], class_ids: Sequence[int], shape: tuple[int, int] = IMAGE_SHAPE
 ) -> Score:
     """Score aligned lists of predicted and true RLE strings.
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from collections.abc import Callable
 
-import torch.nn as nn
+from torch import nn
 
 from .config import ModelConfig
 
@@ -18,7 +18,7 @@ def _smp():
 
 
 #: architecture name (as in configs) -> smp constructor
-ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "unet": lambda **kw: _smp().Unet(**kw),
     "unetplusplus": lambda **kw: _smp().UnetPlusPlus(**kw),
     "fpn": lambda **kw: _smp().FPN(**kw),

@@ -13,11 +13,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
 
 from .manifest import MANIFEST_NAME, load_manifest, verify_files
 
-__all__ = ["validate_dataset_id", "build_wheel", "build_dataset", "project_root"]
+__all__ = ["build_dataset", "build_wheel", "project_root", "validate_dataset_id"]
 
 #: Kaggle dataset slug: 3 to 50 characters, lowercase letters, digits and single hyphens, no hyphen at an end
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,49}$")
@@ -49,8 +48,18 @@ def project_root() -> Path:
 
 def build_wheel(project: Path, out_dir: Path) -> Path:
     """Build the steelkit wheel from ``project`` into ``out_dir`` with pip, offline (no build isolation)."""
-    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-               "--wheel-dir", str(out_dir), str(project)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--quiet",
+        "--wheel-dir",
+        str(out_dir),
+        str(project),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the wheel failed ({' '.join(command)}):\n{result.stdout}\n{result.stderr}")
@@ -64,10 +73,10 @@ def build_dataset(
     manifest_path: Path,
     out_dir: Path,
     dataset_id: str,
-    title: Optional[str] = None,
+    title: str | None = None,
     license_name: str = "CC0-1.0",
-    project: Optional[Path] = None,
-) -> Dict:
+    project: Path | None = None,
+) -> dict:
     """Assemble the Kaggle dataset folder.
 
     Args:
@@ -118,5 +127,7 @@ def build_dataset(
     total = sum(files.values())
     for name, size in files.items():
         print(f"  {size / 1e6:9.2f} MB  {name}")
-    print(f"dataset folder {out_dir}: {len(files)} files, {total / 1e6:.2f} MB; next: kaggle datasets create -p {out_dir}")
+    print(
+        f"dataset folder {out_dir}: {len(files)} files, {total / 1e6:.2f} MB; next: kaggle datasets create -p {out_dir}"
+    )
     return {"folder": str(out_dir), "files": files, "bytes": total}

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Sequence, Tuple
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
 
 from .constants import NUM_CLASSES
 
-__all__ = ["PostProcess", "binarize", "threshold_level", "remove_small_components", "apply_postprocess"]
+__all__ = ["PostProcess", "apply_postprocess", "binarize", "remove_small_components", "threshold_level"]
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,9 @@ class PostProcess:
         min_component: connected components smaller than this are removed first (0 = keep all).
     """
 
-    pixel_threshold: Tuple[float, ...] = (0.5,) * NUM_CLASSES
-    min_area: Tuple[int, ...] = (0,) * NUM_CLASSES
-    min_component: Tuple[int, ...] = (0,) * NUM_CLASSES
+    pixel_threshold: tuple[float, ...] = (0.5,) * NUM_CLASSES
+    min_area: tuple[int, ...] = (0,) * NUM_CLASSES
+    min_component: tuple[int, ...] = (0,) * NUM_CLASSES
 
     def __post_init__(self) -> None:
         for name in ("pixel_threshold", "min_area", "min_component"):
@@ -37,10 +38,10 @@ class PostProcess:
             raise ValueError(f"postprocess.pixel_threshold must lie in [0, 1], got {list(self.pixel_threshold)}")
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "PostProcess":
+    def from_dict(cls, values: dict[str, Any]) -> PostProcess:
         return cls(**{k: tuple(v) for k, v in values.items() if k in ("pixel_threshold", "min_area", "min_component")})
 
-    def to_dict(self) -> Dict[str, list]:
+    def to_dict(self) -> dict[str, list]:
         return {k: list(getattr(self, k)) for k in ("pixel_threshold", "min_area", "min_component")}
 
 
@@ -52,15 +53,18 @@ def binarize(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
         thresholds: one probability threshold per class.
 
     Returns:
-        ``(C, H, W)`` bool. With uint8 input a pixel is on when ``probs >= round(t * 255)``.
+        ``(C, H, W)`` bool: a pixel is on when its probability is ``>= t``.
     """
     levels = np.array([threshold_level(t, probs.dtype) for t in thresholds])
     return probs >= levels.reshape(-1, 1, 1)
 
 
 def threshold_level(threshold: float, dtype: np.dtype):
-    """The value a probability array of ``dtype`` is compared with (``>=``): ``round(t * 255)`` for uint8."""
-    return int(round(threshold * 255.0)) if dtype == np.uint8 else threshold
+    """The value a probability array of ``dtype`` is compared with (``>=``).
+
+    For uint8 (probability x 255) it is ``ceil(t * 255)``, so that ``u8 >= level`` exactly when ``u8 / 255 >= t``.
+    """
+    return int(np.ceil(threshold * 255.0 - 1e-9)) if dtype == np.uint8 else threshold
 
 
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:

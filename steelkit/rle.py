@@ -7,16 +7,14 @@ sorted, non-touching runs and is the empty string for an empty mask.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import numpy as np
 
 from .constants import IMAGE_SHAPE
 
-__all__ = ["encode", "decode", "parse_runs", "runs_area", "runs_intersection", "is_canonical"]
+__all__ = ["decode", "encode", "is_canonical", "parse_runs", "runs_area", "runs_intersection"]
 
 
-def _where(image_id: Optional[str], class_id: Optional[int]) -> str:
+def _where(image_id: str | None, class_id: int | None) -> str:
     parts = []
     if image_id is not None:
         parts.append(f"image {image_id}")
@@ -50,10 +48,10 @@ def encode(mask: np.ndarray) -> str:
 
 def parse_runs(
     rle: str,
-    shape: Tuple[int, int] = IMAGE_SHAPE,
-    image_id: Optional[str] = None,
-    class_id: Optional[int] = None,
-) -> Tuple[np.ndarray, np.ndarray]:
+    shape: tuple[int, int] = IMAGE_SHAPE,
+    image_id: str | None = None,
+    class_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Parse and validate an RLE string into 0-based run starts and (exclusive) ends.
 
     Args:
@@ -110,9 +108,9 @@ def parse_runs(
 
 def decode(
     rle: str,
-    shape: Tuple[int, int] = IMAGE_SHAPE,
-    image_id: Optional[str] = None,
-    class_id: Optional[int] = None,
+    shape: tuple[int, int] = IMAGE_SHAPE,
+    image_id: str | None = None,
+    class_id: int | None = None,
 ) -> np.ndarray:
     """Decode an RLE string to a mask.
 
@@ -140,7 +138,7 @@ def runs_area(starts: np.ndarray, ends: np.ndarray) -> int:
     return int((ends - starts).sum())
 
 
-def runs_intersection(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.ndarray]) -> int:
+def runs_intersection(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> int:
     """Pixels shared by two sets of parsed runs, without decoding either mask.
 
     Uses ``|A & B| = |A| + |B| - |A | B|``; the union of the two sorted, internally disjoint run lists is
@@ -158,7 +156,7 @@ def runs_intersection(a: Tuple[np.ndarray, np.ndarray], b: Tuple[np.ndarray, np.
     return int(runs_area(*a) + runs_area(*b) - union)
 
 
-def is_canonical(rle: str, shape: Tuple[int, int] = IMAGE_SHAPE) -> bool:
+def is_canonical(rle: str, shape: tuple[int, int] = IMAGE_SHAPE) -> bool:
     """True when ``rle`` is valid and equals :func:`encode` of its own decoding (sorted, merged runs)."""
     starts, ends = parse_runs(rle, shape)
     if starts.size == 0:

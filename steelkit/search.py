@@ -6,15 +6,22 @@ pixel counts, and every minimum area is then a vectorised choice between that Di
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from .metric import dice_from_areas
 from .postprocess import PostProcess, threshold_level
 
-__all__ = ["DEFAULT_THRESHOLDS", "DEFAULT_AREA_FRACTIONS", "ClassSearch", "search_class", "search_postprocess", "summarize"]
+__all__ = [
+    "DEFAULT_AREA_FRACTIONS",
+    "DEFAULT_THRESHOLDS",
+    "ClassSearch",
+    "search_class",
+    "search_postprocess",
+    "summarize",
+]
 
 #: pixel thresholds tried by default
 DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.30, 0.81, 0.05), 2).tolist())
@@ -79,7 +86,7 @@ def search_postprocess(
     full_area_scale: float = 1.0,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     area_fractions: Sequence[float] = DEFAULT_AREA_FRACTIONS,
-) -> Tuple[PostProcess, List[ClassSearch]]:
+) -> tuple[PostProcess, list[ClassSearch]]:
     """Search every class.
 
     Args:
@@ -99,7 +106,7 @@ def search_postprocess(
     return settings, results
 
 
-def summarize(results: Sequence[ClassSearch]) -> Dict[str, list]:
+def summarize(results: Sequence[ClassSearch]) -> dict[str, list]:
     """JSON-friendly summary of a search."""
     return {
         "threshold": [r.threshold for r in results],

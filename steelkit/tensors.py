@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalize", "resize_to", "TTA_VIEWS", "tta_views", "apply_tta"]
+__all__ = ["TTA_VIEWS", "apply_tta", "normalize", "resize_to", "tta_views"]
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -29,7 +29,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (x - m) / s
 
 
-def resize_to(x: torch.Tensor, size: Tuple[int, int], mode: str) -> torch.Tensor:
+def resize_to(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resize ``(N, C, H, W)`` to ``size``; a no-op when already that size.
 
     ``mode="area"`` for shrinking images (equals cv2.INTER_AREA at integer factors), ``"bilinear"`` for growing
@@ -51,14 +51,16 @@ TTA_VIEWS = {
 }
 
 
-def tta_views(name: str) -> Tuple[Tuple[int, ...], ...]:
+def tta_views(name: str) -> tuple[tuple[int, ...], ...]:
     """Flip dims of each view of a TTA set; raises ``KeyError`` listing the valid names."""
     if name not in TTA_VIEWS:
         raise KeyError(f"unknown TTA {name!r}; valid: {sorted(TTA_VIEWS)}")
     return TTA_VIEWS[name]
 
 
-def apply_tta(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, views: Sequence[Tuple[int, ...]]) -> torch.Tensor:
+def apply_tta(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, views: Sequence[tuple[int, ...]]
+) -> torch.Tensor:
     """Mean of ``fn`` over flipped views, each output flipped back (augment / de-augment pairs).
 
     Args:
@@ -66,7 +68,7 @@ def apply_tta(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, views
         x: the input batch.
         views: flip dims per view, e.g. ``tta_views("hv")``.
     """
-    total: List[torch.Tensor] = []
+    total: list[torch.Tensor] = []
     for dims in views:
         if dims:
             total.append(torch.flip(fn(torch.flip(x, dims)), dims))

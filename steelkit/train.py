@@ -18,9 +18,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ from .metric import dice_from_areas
 from .models import build_segmenter
 from .tensors import normalize
 
-__all__ = ["seed_everything", "train", "train_fold", "save_checkpoint", "load_checkpoint", "predict_probs"]
+__all__ = ["load_checkpoint", "predict_probs", "save_checkpoint", "seed_everything", "train", "train_fold"]
 
 
 def seed_everything(seed: int) -> None:
@@ -54,7 +54,7 @@ def _progress(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
-def save_checkpoint(payload: Dict, path: Path) -> None:
+def save_checkpoint(payload: dict, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: an interruption never leaves a half-written checkpoint."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -62,7 +62,7 @@ def save_checkpoint(payload: Dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> Dict:
+def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (on the CPU)."""
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -92,7 +92,7 @@ def predict_probs(model: torch.nn.Module, loader: DataLoader, cfg: TrainConfig, 
         yield torch.sigmoid(logits.float()).cpu(), masks
 
 
-def _validate(model, loader, cfg, device, progress) -> Tuple[float, List[float]]:
+def _validate(model, loader, cfg, device, progress) -> tuple[float, list[float]]:
     """Competition Dice (threshold 0.5, empty-empty = 1) of the held-out images, per class and mean."""
     dice = []
     for probs, masks in predict_probs(model, loader, cfg, device, progress):
@@ -115,7 +115,7 @@ def train_fold(
     out_dir: Path,
     device: torch.device,
     progress: bool = True,
-) -> Dict:
+) -> dict:
     """Train one fold; keep the best checkpoint by validation Dice; write its out-of-fold probabilities.
 
     Returns:
@@ -137,7 +137,9 @@ def train_fold(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    steps = len(train_loader) if cfg.optim.steps_per_epoch is None else min(cfg.optim.steps_per_epoch, len(train_loader))
+    steps = (
+        len(train_loader) if cfg.optim.steps_per_epoch is None else min(cfg.optim.steps_per_epoch, len(train_loader))
+    )
     best = {"dice": -1.0, "epoch": -1, "per_class": []}
     rows = []
     for epoch in range(cfg.optim.epochs):
@@ -161,7 +163,14 @@ def train_fold(
             if progress:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         dice, per_class = _validate(model, val_loader, cfg, device, progress)
-        rows.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": dice, **{f"val_dice_{c + 1}": d for c, d in enumerate(per_class)}})
+        rows.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "val_dice": dice,
+                **{f"val_dice_{c + 1}": d for c, d in enumerate(per_class)},
+            }
+        )
         write_csv_atomic(pd.DataFrame(rows), fold_dir / "metrics.csv")
         if dice > best["dice"]:
             best = {"dice": dice, "epoch": epoch, "per_class": per_class}
@@ -179,11 +188,16 @@ def train_fold(
                 fold_dir / "best.pt",
             )
         if progress:
-            print(f"fold {fold} epoch {epoch + 1}: loss {np.mean(losses):.4f} val Dice {dice:.4f} (best {best['dice']:.4f})")
+            print(
+                f"fold {fold} epoch {epoch + 1}: loss {np.mean(losses):.4f} "
+                f"val Dice {dice:.4f} (best {best['dice']:.4f})"
+            )
 
     # out-of-fold probabilities of the best checkpoint, streamed to a uint8 memory map
     model.load_state_dict(load_checkpoint(fold_dir / "best.pt")["state_dict"])
-    oof = np.lib.format.open_memmap(fold_dir / "oof.npy", mode="w+", dtype=np.uint8, shape=(len(val_ids), 4) + val_set.size)
+    oof = np.lib.format.open_memmap(
+        fold_dir / "oof.npy", mode="w+", dtype=np.uint8, shape=(len(val_ids), 4) + val_set.size
+    )
     offset = 0
     for probs, _ in predict_probs(model, val_loader, cfg, device, progress):
         oof[offset : offset + len(probs)] = (probs * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
@@ -204,10 +218,10 @@ def train(
     cfg: TrainConfig,
     data_dir: Path,
     out_dir: Path,
-    device: Optional[str] = None,
-    folds_to_train: Optional[Sequence[int]] = None,
+    device: str | None = None,
+    folds_to_train: Sequence[int] | None = None,
     progress: bool = True,
-) -> Dict:
+) -> dict:
     """Train every fold of ``cfg`` on the competition folder ``data_dir``; write the run to ``out_dir``."""
     start = time.perf_counter()
     out_dir = Path(out_dir)

@@ -7,19 +7,19 @@ Kaggle mounts inputs as ``/kaggle/input/<slug>/`` (classic) or nested deeper (``
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List
 
 from ..constants import SAMPLE_SUBMISSION_CSV, TEST_IMAGES
 from ..manifest import MANIFEST_NAME
 
-__all__ = ["find_dirs", "find_competition", "find_dataset", "describe_tree"]
+__all__ = ["describe_tree", "find_competition", "find_dataset", "find_dirs"]
 
 #: how deep below the input root markers are looked for
 MAX_DEPTH = 4
 
 
-def find_dirs(root: Path, predicate: Callable[[Path], bool], max_depth: int = MAX_DEPTH) -> List[Path]:
+def find_dirs(root: Path, predicate: Callable[[Path], bool], max_depth: int = MAX_DEPTH) -> list[Path]:
     """Folders under ``root`` (itself included) for which ``predicate`` holds, shallowest first, sorted."""
     root = Path(root)
     found = []

@@ -12,7 +12,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -46,26 +46,26 @@ class KernelSettings:
 
     input_root: Path = Path("/kaggle/input")
     working_dir: Path = Path("/kaggle/working")
-    competition_dir: Optional[Path] = None
-    dataset_dir: Optional[Path] = None
+    competition_dir: Path | None = None
+    dataset_dir: Path | None = None
     batch_size: int = 8
     num_workers: int = 2
     tta: str = "h"
-    device: Optional[str] = None
+    device: str | None = None
     fp16: bool = True
     time_limit: float = 3300.0
 
 
 @dataclass
 class Report:
-    settings: Dict[str, Any]
+    settings: dict[str, Any]
     steelkit_version: str = __version__
-    stages: Dict[str, float] = field(default_factory=dict)
-    problems: List[str] = field(default_factory=list)
-    models: List[str] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
     submission: str = ""
     outcome: str = "started"
-    counts: Dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
 
     def problem(self, message: str) -> None:
         print(f"steelkit kernel: PROBLEM: {message}", flush=True)
@@ -79,7 +79,7 @@ def _write_report(report: Report, working_dir: Path) -> None:
         print(f"steelkit kernel: cannot write kernel_report.json: {err}", flush=True)
 
 
-def run_kernel(settings: KernelSettings, progress: bool = True) -> Dict[str, Any]:
+def run_kernel(settings: KernelSettings, progress: bool = True) -> dict[str, Any]:
     """Run the kernel end to end and return its report (also written as ``kernel_report.json``)."""
     start = time.perf_counter()
     working = Path(settings.working_dir)
@@ -124,7 +124,7 @@ def run_kernel(settings: KernelSettings, progress: bool = True) -> Dict[str, Any
     return asdict(report)
 
 
-def _image_shape(test_dir: Path, image_ids: List[str], report: Report):
+def _image_shape(test_dir: Path, image_ids: list[str], report: Report):
     """``(H, W)`` of the test set: read from the first readable image (256x1600 on Kaggle)."""
     for image_id in image_ids[:20]:
         try:
@@ -156,7 +156,7 @@ def _predict(settings, image_ids, test_dir, shape, report, start, progress, stag
         flush=True,
     )
     ensemble = Ensemble(models, settings.tta, device, settings.fp16)
-    predictions: Dict = {}
+    predictions: dict = {}
     done, unreadable, stopped = 0, 0, False
     stream = predict_stream(ensemble, test_dir, image_ids, shape, settings.batch_size, settings.num_workers)
     if progress:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from ..images import read_grey
 from ..manifest import Manifest, ModelEntry
 from ..tensors import apply_tta, normalize, resize_to, tta_views
 
-__all__ = ["TestImages", "LoadedModel", "load_models", "Ensemble", "predict_stream"]
+__all__ = ["Ensemble", "LoadedModel", "TestImages", "load_models", "predict_stream"]
 
 
 class TestImages(Dataset):
@@ -25,7 +25,7 @@ class TestImages(Dataset):
     the error message (the image is then predicted empty and reported).
     """
 
-    def __init__(self, folder: Path, image_ids: Sequence[str], shape: Tuple[int, int]) -> None:
+    def __init__(self, folder: Path, image_ids: Sequence[str], shape: tuple[int, int]) -> None:
         self.folder = Path(folder)
         self.image_ids = list(image_ids)
         self.shape = tuple(shape)
@@ -48,7 +48,9 @@ class LoadedModel:
     module: torch.jit.ScriptModule
 
 
-def load_models(manifest: Manifest, entries: Sequence[ModelEntry], device: torch.device) -> Tuple[List[LoadedModel], List[str]]:
+def load_models(
+    manifest: Manifest, entries: Sequence[ModelEntry], device: torch.device
+) -> tuple[list[LoadedModel], list[str]]:
     """Load TorchScript segmenters; a file that fails to load is reported and skipped."""
     loaded, problems = [], []
     for entry in entries:
@@ -82,7 +84,7 @@ class Ensemble:
         self.views = tta_views(tta)
         self.device = device
         self.fp16 = fp16 and device.type == "cuda"
-        self.problems: List[str] = []
+        self.problems: list[str] = []
 
     def _probs(self, model: LoadedModel, images: torch.Tensor) -> torch.Tensor:
         inputs = model.entry.input
@@ -117,8 +119,13 @@ class Ensemble:
 
 
 def predict_stream(
-    ensemble: Ensemble, folder: Path, image_ids: Sequence[str], shape: Tuple[int, int], batch_size: int, num_workers: int
-) -> Iterator[Tuple[List[int], np.ndarray, List[str]]]:
+    ensemble: Ensemble,
+    folder: Path,
+    image_ids: Sequence[str],
+    shape: tuple[int, int],
+    batch_size: int,
+    num_workers: int,
+) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
     """Yield ``(indices, probs, errors)`` per batch: ``(B, 4, H, W)`` uint8 probabilities x 255 on the CPU.
 
     Only one batch of probabilities exists at a time, so memory is bounded whatever the test-set size.
