@@ -22,7 +22,7 @@ from pathlib import Path
 #: sub-folder of the working directory that receives the installed wheel
 PACKAGES_DIR = ".steelkit_packages"
 #: how deep below the input root the wheel and the competition data are searched
-MAX_DEPTH = 4
+MAX_DEPTH = 6
 
 
 def parse_args(argv=None):

@@ -54,7 +54,7 @@ def _kernel(args) -> None:
 def _score(args) -> None:
     from .scoring import score_submission_file
 
-    score = score_submission_file(args.submission, args.sample, args.labels)
+    score = score_submission_file(args.submission, args.sample, args.labels, (args.height, args.width))
     print(score.summary())
 
 
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("submission", type=Path)
     p.add_argument("--sample", type=Path, required=True, help="the sample_submission.csv it answers")
     p.add_argument("--labels", type=Path, required=True, help="true masks (train.csv layout)")
+    p.add_argument("--height", type=int, default=256, help="image height the RLE indexes into")
+    p.add_argument("--width", type=int, default=1600, help="image width the RLE indexes into")
     p.set_defaults(func=_score)
 
     p = sub.add_parser("presets", help="list the shipped presets")

@@ -84,6 +84,7 @@ class DataConfig:
     Attributes:
         scale: training resolution as a fraction of the full image (0.5 = train at 128x800, predict at full size).
         crop_height, crop_width: random crop at training resolution; ``None`` = the whole (scaled) image.
+        crop_on_mask: probability that a crop is centred on a random defect pixel of a defective image.
         batch_size, num_workers: DataLoader settings.
         folds: K of the K-fold split, stratified by class combination.
         train_folds: which folds to train (``None`` = all K).
@@ -94,6 +95,7 @@ class DataConfig:
     scale: float = 1.0
     crop_height: int | None = None
     crop_width: int | None = None
+    crop_on_mask: float = 0.0
     batch_size: int = 8
     num_workers: int = 2
     folds: int = 5
@@ -106,6 +108,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0 < self.scale <= 1:
             raise ValueError(f"data.scale must be in (0, 1], got {self.scale}")
+        if not 0 <= self.crop_on_mask <= 1:
+            raise ValueError(f"data.crop_on_mask must be in [0, 1], got {self.crop_on_mask}")
         if self.folds < 2:
             raise ValueError(f"data.folds must be >= 2, got {self.folds}")
         if self.train_folds is not None and not all(0 <= f < self.folds for f in self.train_folds):

@@ -147,8 +147,7 @@ class SteelDataset(Dataset):
             rng = np.random.default_rng((self.seed, self.epoch, index))
             ch = min(self.cfg.crop_height or h, h)
             cw = min(self.cfg.crop_width or w, w)
-            y = int(rng.integers(0, h - ch + 1))
-            x = int(rng.integers(0, w - cw + 1))
+            y, x = _crop_origin(masks, (ch, cw), rng, self.cfg.crop_on_mask)
             image, masks = image[y : y + ch, x : x + cw], masks[y : y + ch, x : x + cw]
             out = self.augment(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(masks))
             image, masks = out["image"], out["mask"]
@@ -157,6 +156,19 @@ class SteelDataset(Dataset):
             2, 0, 1
         )
         return image, masks.contiguous()
+
+
+def _crop_origin(masks: np.ndarray, crop: tuple[int, int], rng: np.random.Generator, on_mask: float) -> tuple[int, int]:
+    """Top-left corner of a random crop of ``(H, W, 4)`` masks; with probability ``on_mask`` the crop is centred on a
+    random defect pixel (when the image has one), so crops of defective images rarely miss the defect."""
+    h, w = masks.shape[:2]
+    ch, cw = crop
+    if on_mask > 0 and rng.random() < on_mask:
+        ys, xs = np.nonzero(masks.any(axis=2))
+        if len(ys):
+            i = int(rng.integers(len(ys)))
+            return int(np.clip(ys[i] - ch // 2, 0, h - ch)), int(np.clip(xs[i] - cw // 2, 0, w - cw))
+    return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
 
 
 def folds_frame(image_ids: Sequence[str], folds: np.ndarray) -> pd.DataFrame:

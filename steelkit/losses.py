@@ -10,18 +10,26 @@ __all__ = ["BCEDiceLoss", "bce_dice_loss", "soft_dice_loss"]
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """``1 - mean soft Dice`` over images and classes.
+    """``1 - soft Dice`` per class over the whole batch, averaged over the classes present in the batch.
+
+    Pixels of all images are pooled per class (as smp's ``DiceLoss``), so a crop without defects does not reward
+    predicting nothing; a class with no positive pixel in the batch is left out of the mean (BCE still covers it).
 
     Args:
         logits: ``(N, C, H, W)`` raw scores.
         target: ``(N, C, H, W)`` {0, 1}.
-        eps: smoothing added to numerator and denominator (an empty truth with an empty prediction scores ~1).
+        eps: smoothing added to numerator and denominator.
     """
     prob = torch.sigmoid(logits.float())
     target = target.float()
-    inter = (prob * target).sum((-2, -1))
-    total = prob.sum((-2, -1)) + target.sum((-2, -1))
-    return 1.0 - ((2.0 * inter + eps) / (total + eps)).mean()
+    dims = (0, 2, 3)
+    inter = (prob * target).sum(dims)
+    total = prob.sum(dims) + target.sum(dims)
+    loss = 1.0 - (2.0 * inter + eps) / (total + eps)
+    present = target.sum(dims) > 0
+    if not present.any():
+        return loss.sum() * 0.0
+    return loss[present].mean()
 
 
 def bce_dice_loss(

@@ -15,6 +15,10 @@ from .metric import dice_from_areas
 from .postprocess import PostProcess, threshold_level
 
 __all__ = [
+    "class_counts",
+    "table_from_counts",
+    "best_of_table",
+    "area_grid",
     "DEFAULT_AREA_FRACTIONS",
     "DEFAULT_THRESHOLDS",
     "ClassSearch",
@@ -24,7 +28,7 @@ __all__ = [
 ]
 
 #: pixel thresholds tried by default
-DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.30, 0.81, 0.05), 2).tolist())
+DEFAULT_THRESHOLDS = tuple(np.round(np.arange(0.10, 0.91, 0.05), 2).tolist())
 #: minimum mask areas tried by default, as fractions of the image area (0.001 = 410 px of a 256x1600 image)
 DEFAULT_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.015, 0.03)
 
@@ -47,9 +51,42 @@ class ClassSearch:
     table: np.ndarray
 
 
-def _counts(probs: np.ndarray, truth: np.ndarray, threshold: float):
-    pred = probs >= threshold_level(threshold, probs.dtype)
-    return (pred & truth).sum((1, 2)), pred.sum((1, 2))
+def class_counts(probs: np.ndarray, truth: np.ndarray, thresholds: Sequence[float]):
+    """Pixel counts of one class at every threshold.
+
+    Args:
+        probs: ``(N, H, W)`` uint8 (x 255) or float probabilities.
+        truth: ``(N, H, W)`` {0, 1}.
+
+    Returns:
+        ``(intersection, pred_area, truth_area)``: ``(T, N)``, ``(T, N)`` and ``(N,)`` int64.
+    """
+    truth = truth.astype(bool, copy=False)
+    inter = np.zeros((len(thresholds), len(probs)), dtype=np.int64)
+    pred_area = np.zeros_like(inter)
+    for i, t in enumerate(thresholds):
+        pred = probs >= threshold_level(t, probs.dtype)
+        inter[i] = (pred & truth).sum((1, 2))
+        pred_area[i] = pred.sum((1, 2))
+    return inter, pred_area, truth.sum((1, 2))
+
+
+def table_from_counts(
+    inter: np.ndarray, pred_area: np.ndarray, truth_area: np.ndarray, min_areas: Sequence[int]
+) -> np.ndarray:
+    """Mean Dice of every (threshold, minimum area) pair from :func:`class_counts`: ``(T, A)``.
+
+    A prediction whose area is below the minimum becomes empty, which scores 1 on a clean image and 0 otherwise.
+    """
+    dice = dice_from_areas(inter, pred_area, truth_area[None])  # (T, N)
+    empty = dice_from_areas(0, 0, truth_area)  # (N,)
+    keep = pred_area[:, None, :] >= np.asarray(min_areas)[None, :, None]  # (T, A, N)
+    return np.where(keep, dice[:, None, :], empty[None, None, :]).mean(2)
+
+
+def best_of_table(table: np.ndarray) -> tuple[int, int]:
+    """Index of the best (threshold, area) pair; ties keep the first in (threshold, area) order."""
+    return np.unravel_index(np.argmax(table), table.shape)
 
 
 def search_class(
@@ -62,22 +99,17 @@ def search_class(
         truth: ``(N, H, W)`` {0, 1} truth.
         thresholds: pixel thresholds in [0, 1].
         min_areas: whole-mask minimum areas in pixels of ``probs``.
-
-    Ties keep the first best pair in (threshold, area) order.
     """
-    truth = truth.astype(bool, copy=False)
-    truth_area = truth.sum((1, 2))
-    areas = np.asarray(min_areas)[:, None]  # (A, 1)
-    empty = dice_from_areas(0, 0, truth_area)  # (N,)
-    table = np.zeros((len(thresholds), len(min_areas)))
-    for i, t in enumerate(thresholds):
-        inter, pred_area = _counts(probs, truth, t)
-        dice = dice_from_areas(inter, pred_area, truth_area)  # (N,)
-        table[i] = np.where(pred_area[None] >= areas, dice[None], empty[None]).mean(1)
-    best = np.unravel_index(np.argmax(table), table.shape)
-    inter, pred_area = _counts(probs, truth, 0.5)
-    baseline = float(dice_from_areas(inter, pred_area, truth_area).mean())
+    inter, pred_area, truth_area = class_counts(probs, truth, list(thresholds) + [0.5])
+    table = table_from_counts(inter[:-1], pred_area[:-1], truth_area, min_areas)
+    best = best_of_table(table)
+    baseline = float(dice_from_areas(inter[-1], pred_area[-1], truth_area).mean())
     return ClassSearch(float(thresholds[best[0]]), int(min_areas[best[1]]), float(table[best]), baseline, table)
+
+
+def area_grid(shape: tuple[int, int], fractions: Sequence[float] = DEFAULT_AREA_FRACTIONS) -> list[int]:
+    """Minimum areas in pixels of an ``(H, W)`` image from fractions of its area."""
+    return sorted({int(round(f * shape[0] * shape[1])) for f in fractions})
 
 
 def search_postprocess(
@@ -96,8 +128,7 @@ def search_postprocess(
             ``PostProcess`` holds areas in full-resolution pixels.
         thresholds, area_fractions: the grid; areas are fractions of ``H * W``.
     """
-    h, w = probs.shape[-2:]
-    min_areas = sorted({int(round(f * h * w)) for f in area_fractions})
+    min_areas = area_grid(probs.shape[-2:], area_fractions)
     results = [search_class(probs[:, c], truth[:, c], thresholds, min_areas) for c in range(probs.shape[1])]
     settings = PostProcess(
         pixel_threshold=tuple(r.threshold for r in results),

@@ -312,14 +312,14 @@ def _defect(img: np.ndarray, mask: np.ndarray, class_id: int, rng: np.random.Gen
     pad = int(8 * s) + 3
     ys, xs = slice(max(y - pad, 0), y + h + pad), slice(max(x - pad, 0), x + w + pad)
     region, m = img[ys, xs], mask[ys, xs].astype(np.float32)
-    k = rng.uniform(0.3, 1.0)
+    k = rng.uniform(0.45, 1.0)
     if class_id == 1:
         region += _pits(m, rng, s, 55 * k)
     elif class_id == 2:
         noise = 1 + 0.3 * _upsampled_noise(rng, m.shape, (m.shape[0] // 16 + 2, 2))
         region -= 40 * k * (_blur(m, s, 2 * s) - 0.45 * _blur(m, 4 * s)) * noise
     elif class_id == 3:
-        region += _streaks(m, rng, s, 22 * k, rng.choice([-1, 1]) * rng.uniform(5, 30) * k)
+        region += _streaks(m, rng, s, 30 * k, rng.choice([-1, 1]) * rng.uniform(12, 40) * k)
     else:
         shape = m.shape
         rough = _upsampled_noise(rng, shape, (int(shape[0] / (10 * s)) + 2, int(shape[1] / (10 * s)) + 2))
@@ -353,7 +353,7 @@ def _marks(
         center, axes = (pad + w // 2, pad + h // 2), (max(w // 2, 1), max(h // 2, 1))
         cv2.ellipse(m, center, axes, rng.normal(0, 10), 0, 360, 1, -1)
         m = m.astype(np.float32)
-        k = rng.uniform(0.1, 0.4)  # fainter than most labelled defects (0.3 to 1)
+        k = rng.uniform(0.1, 0.4)  # fainter than most labelled defects (0.45 to 1)
         delta = _pits(m, rng, s, 55 * k) if spot else _streaks(m, rng, s, 22 * k, rng.uniform(-15, 15) * k)
         img[ys, xs] += delta
         footprint[ys, xs] |= np.abs(delta) > 0.5

@@ -34,6 +34,7 @@ from .data import SteelDataset, TrainingSet, assign_folds, folds_frame, load_tra
 from .losses import bce_dice_loss
 from .metric import dice_from_areas
 from .models import build_segmenter
+from .search import area_grid, best_of_table, table_from_counts
 from .tensors import normalize
 
 __all__ = ["load_checkpoint", "predict_probs", "save_checkpoint", "seed_everything", "train", "train_fold"]
@@ -92,19 +93,46 @@ def predict_probs(model: torch.nn.Module, loader: DataLoader, cfg: TrainConfig, 
         yield torch.sigmoid(logits.float()).cpu(), masks
 
 
-def _validate(model, loader, cfg, device, progress) -> tuple[float, list[float]]:
-    """Competition Dice (threshold 0.5, empty-empty = 1) of the held-out images, per class and mean."""
-    dice = []
+#: pixel thresholds at which validation Dice is measured every epoch
+VAL_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _validate(model, loader, cfg, device, progress) -> dict:
+    """Competition Dice (empty-empty = 1) of the held-out images, as the kernel will score them.
+
+    Every class is scored at its best pixel threshold (:data:`VAL_THRESHOLDS`) and whole-mask minimum area
+    (:data:`steelkit.search.DEFAULT_AREA_FRACTIONS`), from pixel counts accumulated batch by batch.
+
+    Returns:
+        ``{"dice", "per_class", "thresholds", "min_areas", "dice_at_0.5"}``: ``dice`` (the checkpoint is selected on
+        it) is the mean over classes of each class's post-processed Dice; ``dice_at_0.5`` is the plain Dice at 0.5.
+    """
+    levels = torch.tensor(VAL_THRESHOLDS).view(-1, 1, 1, 1, 1)
+    inter, pred_area, truth_area = [], [], []
     for probs, masks in predict_probs(model, loader, cfg, device, progress):
-        pred = probs >= 0.5
+        pred = probs[None] >= levels  # (T, B, 4, h, w)
         truth = masks.bool()
-        dice.append(
-            dice_from_areas(
-                (pred & truth).sum((-2, -1)).numpy(), pred.sum((-2, -1)).numpy(), truth.sum((-2, -1)).numpy()
-            )
-        )
-    per_pair = np.concatenate(dice)  # (n, 4)
-    return float(per_pair.mean()), per_pair.mean(0).tolist()
+        inter.append((pred & truth[None]).sum((-2, -1)).numpy())
+        pred_area.append(pred.sum((-2, -1)).numpy())
+        truth_area.append(truth.sum((-2, -1)).numpy())
+        size = tuple(masks.shape[-2:])
+    inter, pred_area, truth_area = (np.concatenate(x, axis=-2) for x in (inter, pred_area, truth_area))
+    min_areas = area_grid(size)
+    per_class, thresholds, areas = [], [], []
+    for c in range(truth_area.shape[1]):
+        table = table_from_counts(inter[:, :, c], pred_area[:, :, c], truth_area[:, c], min_areas)
+        t, a = best_of_table(table)
+        per_class.append(float(table[t, a]))
+        thresholds.append(VAL_THRESHOLDS[t])
+        areas.append(min_areas[a])
+    at_half = VAL_THRESHOLDS.index(0.5)
+    return {
+        "dice": float(np.mean(per_class)),
+        "per_class": per_class,
+        "thresholds": thresholds,
+        "min_areas": areas,
+        "dice_at_0.5": float(dice_from_areas(inter[at_half], pred_area[at_half], truth_area).mean()),
+    }
 
 
 def train_fold(
@@ -162,13 +190,17 @@ def train_fold(
             losses.append(loss.item())
             if progress:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        dice, per_class = _validate(model, val_loader, cfg, device, progress)
+        val = _validate(model, val_loader, cfg, device, progress)
+        dice, per_class = val["dice"], val["per_class"]
         rows.append(
             {
                 "epoch": epoch,
                 "loss": float(np.mean(losses)),
                 "val_dice": dice,
+                "val_dice_at_0.5": val["dice_at_0.5"],
                 **{f"val_dice_{c + 1}": d for c, d in enumerate(per_class)},
+                **{f"val_threshold_{c + 1}": t for c, t in enumerate(val["thresholds"])},
+                **{f"val_min_area_{c + 1}": a for c, a in enumerate(val["min_areas"])},
             }
         )
         write_csv_atomic(pd.DataFrame(rows), fold_dir / "metrics.csv")
@@ -180,7 +212,7 @@ def train_fold(
                     "config": cfg.to_dict(),
                     "fold": fold,
                     "epoch": epoch,
-                    "metric": {"name": "dice", "value": dice, "per_class": per_class},
+                    "metric": {"name": "dice_postprocessed", "value": dice, **val},
                     "image_shape": list(data.shape),
                     "train_size": list(val_set.size),
                     "steelkit_version": __version__,

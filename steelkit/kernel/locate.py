@@ -16,7 +16,7 @@ from ..manifest import MANIFEST_NAME
 __all__ = ["describe_tree", "find_competition", "find_dataset", "find_dirs"]
 
 #: how deep below the input root markers are looked for
-MAX_DEPTH = 4
+MAX_DEPTH = 6
 
 
 def find_dirs(root: Path, predicate: Callable[[Path], bool], max_depth: int = MAX_DEPTH) -> list[Path]:
