@@ -122,18 +122,32 @@ class DataConfig:
         return tuple(range(self.folds)) if self.train_folds is None else tuple(self.train_folds)
 
 
+#: learning-rate schedules by name
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and schedule: Adam, ``epochs`` passes, optionally capped at ``steps_per_epoch`` batches."""
+    """Adam for ``epochs`` passes, optionally capped at ``steps_per_epoch`` batches.
+
+    Attributes:
+        schedule: ``constant`` or ``cosine`` (per step, from ``lr`` after ``warmup_steps`` linear warm-up steps down to
+            ``lr * min_lr_ratio`` at the last step).
+    """
 
     lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 10
     steps_per_epoch: int | None = None
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.05
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.lr <= 0:
             raise ValueError(f"optim.epochs must be >= 1 and optim.lr > 0, got {self.epochs}, {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
 
 
 @dataclass(frozen=True)

@@ -41,12 +41,16 @@ class TrainingSet:
         for image_id, class_id, rle in labels.frame[["ImageId", "ClassId", "EncodedPixels"]].itertuples(False):
             self._rles.setdefault(image_id, {})[int(class_id)] = rle
 
-    def masks(self, image_id: str) -> np.ndarray:
-        """``(4, H, W)`` uint8 {0, 1} masks of one image."""
+    def masks(self, image_id: str, size: tuple[int, int] | None = None) -> np.ndarray:
+        """``(4, h, w)`` uint8 {0, 1} masks of one image, resized (nearest) to ``size`` when given."""
         out = np.zeros((len(CLASS_IDS),) + tuple(self.shape), dtype=np.uint8)
         for class_id, rle in self._rles.get(image_id, {}).items():
             out[class_id - 1] = decode(rle, self.shape, image_id, class_id)
-        return out
+        if size is not None and tuple(size) != tuple(self.shape):
+            h, w = size
+            out = cv2.resize(out.transpose(1, 2, 0), (w, h), interpolation=cv2.INTER_NEAREST)
+            out = out.reshape(h, w, -1).transpose(2, 0, 1)
+        return np.ascontiguousarray(out)
 
     def image_path(self, image_id: str) -> Path:
         return self.folder / TRAIN_IMAGES / image_id
@@ -138,11 +142,10 @@ class SteelDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_id = self.image_ids[index]
         image = read_grey(self.data.image_path(image_id), self.data.shape)
-        masks = self.data.masks(image_id).transpose(1, 2, 0)  # (H, W, 4)
+        masks = self.data.masks(image_id, self.size).transpose(1, 2, 0)  # (h, w, 4)
         h, w = self.size
         if (h, w) != tuple(self.data.shape):
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-            masks = cv2.resize(masks, (w, h), interpolation=cv2.INTER_NEAREST)
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
             ch = min(self.cfg.crop_height or h, h)

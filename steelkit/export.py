@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .config import TrainConfig
-from .data import SteelDataset, load_training_set
+from .data import load_training_set
 from .manifest import MANIFEST_NAME, Manifest, ModelEntry, save_manifest, sha256_file
 from .models import build_segmenter
 from .search import search_postprocess, summarize
@@ -53,7 +53,6 @@ def oof_arrays(run_dir: Path, data_dir: Path, folds: list[int], max_images: int 
         At most ``max_images`` images, sampled evenly at random (seeded).
     """
     run_dir = Path(run_dir)
-    cfg = TrainConfig.from_dict(load_checkpoint(run_dir / f"fold{folds[0]}" / "best.pt")["config"])
     data = load_training_set(Path(data_dir))
     chunks = []
     for k in folds:
@@ -68,9 +67,8 @@ def oof_arrays(run_dir: Path, data_dir: Path, folds: list[int], max_images: int 
     for k, ids, oof in chunks:
         local = keep[(keep >= offset) & (keep < offset + len(ids))] - offset
         offset += len(ids)
-        view = SteelDataset(data, [ids[i] for i in local], cfg.data, train=False)
         probs.append(np.asarray(oof[local]))
-        truth.append(np.stack([view[i][1].numpy() for i in range(len(view))]) if len(view) else oof[:0])
+        truth.append(np.stack([data.masks(ids[i], oof.shape[-2:]) for i in local]) if len(local) else oof[:0])
         fold_of.append(np.full(len(local), k))
     return np.concatenate(probs), np.concatenate(truth), np.concatenate(fold_of)
 

@@ -15,6 +15,7 @@ Output layout of a run folder::
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
-from .config import TrainConfig
+from .config import OptimConfig, TrainConfig
 from .csvio import write_csv_atomic
 from .data import SteelDataset, TrainingSet, assign_folds, folds_frame, load_training_set
 from .losses import bce_dice_loss
@@ -135,6 +136,20 @@ def _validate(model, loader, cfg, device, progress) -> dict:
     }
 
 
+def lr_factor(cfg: OptimConfig, total_steps: int):
+    """The multiplier of ``cfg.lr`` at each optimiser step, for ``LambdaLR``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def train_fold(
     cfg: TrainConfig,
     data: TrainingSet,
@@ -168,6 +183,7 @@ def train_fold(
     steps = (
         len(train_loader) if cfg.optim.steps_per_epoch is None else min(cfg.optim.steps_per_epoch, len(train_loader))
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, steps * cfg.optim.epochs))
     best = {"dice": -1.0, "epoch": -1, "per_class": []}
     rows = []
     for epoch in range(cfg.optim.epochs):
@@ -187,6 +203,7 @@ def train_fold(
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            scheduler.step()
             losses.append(loss.item())
             if progress:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
