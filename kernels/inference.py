@@ -26,18 +26,14 @@ MAX_DEPTH = 6
 
 
 def parse_args(argv=None):
+    """The bootstrap's own flags; every other flag is passed on to ``steelkit kernel`` (see its ``--help``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input-root", type=Path, default=Path("/kaggle/input"))
     parser.add_argument("--working-dir", type=Path, default=Path("/kaggle/working"))
     parser.add_argument("--competition-dir", type=Path, default=None, help="default: found under --input-root")
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: found under --input-root")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--tta", default="h", choices=["none", "h", "v", "hv"])
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--no-fp16", action="store_true", help="disable float16 autocast on CUDA")
     parser.add_argument("--time-limit", type=float, default=3300.0, help="seconds from start (Kaggle: 1 hour)")
-    return parser.parse_args(argv)
+    return parser.parse_known_args(argv)
 
 
 def walk(root, max_depth=MAX_DEPTH):
@@ -86,10 +82,20 @@ def install(wheel, target):
     sys.path.insert(0, str(target))
 
 
-def fallback_submission(args):
-    """Write the all-empty submission with the standard library alone, unless a submission already exists."""
+def file_signature(path):
+    """(inode, size, mtime_ns) of a file, or None: a submission this run wrote differs from one left before it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def fallback_submission(args, stale):
+    """Write the all-empty submission with the standard library alone, unless this run already wrote one."""
     out = args.working_dir / "submission.csv"
-    if out.exists():
+    now = file_signature(out)
+    if now is not None and now != stale:
         return
     if args.competition_dir:
         samples = [args.competition_dir / "sample_submission.csv"]
@@ -110,45 +116,47 @@ def fallback_submission(args):
     header, body = rows[0], rows[1:]
     encoded = header.index("EncodedPixels")
     tmp = out.with_name(".submission.csv.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for row in body:
-            writer.writerow([("" if i == encoded else value) for i, value in enumerate(row)])
-    os.replace(tmp, out)
+    try:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for row in body:
+                writer.writerow([("" if i == encoded else value) for i, value in enumerate(row)])
+        os.replace(tmp, out)
+    except OSError as err:
+        print(f"steelkit bootstrap: cannot write {out}: {err}", flush=True)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        return
     print(f"steelkit bootstrap: wrote the all-empty submission {out} from {samples[0]}", flush=True)
 
 
 def main(argv=None):
     start = time.perf_counter()
-    args = parse_args(argv)
-    args.working_dir.mkdir(parents=True, exist_ok=True)
+    args, rest = parse_args(argv)
+    stale = file_signature(args.working_dir / "submission.csv")
     try:
+        args.working_dir.mkdir(parents=True, exist_ok=True)
         install(find_wheel(args), args.working_dir / PACKAGES_DIR)
         import steelkit
-        from steelkit.kernel import KernelSettings, run_kernel
+        from steelkit.cli import main as steelkit_main
 
         print(f"steelkit bootstrap: steelkit {steelkit.__version__} from {Path(steelkit.__file__).parent}", flush=True)
-        settings = KernelSettings(
-            input_root=args.input_root,
-            working_dir=args.working_dir,
-            competition_dir=args.competition_dir,
-            dataset_dir=args.dataset_dir,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            tta=args.tta,
-            device=args.device,
-            fp16=not args.no_fp16,
-            time_limit=args.time_limit - (time.perf_counter() - start),
-        )
-        run_kernel(settings)
+        command = ["kernel", "--input-root", str(args.input_root), "--working-dir", str(args.working_dir)]
+        for flag, value in (("--competition-dir", args.competition_dir), ("--dataset-dir", args.dataset_dir)):
+            if value is not None:
+                command += [flag, str(value)]
+        command += ["--time-limit", str(args.time_limit - (time.perf_counter() - start))] + rest
+        code = steelkit_main(command)
+        if code:
+            print(f"steelkit bootstrap: steelkit kernel exited with {code}", flush=True)
     except Exception as err:  # noqa: BLE001 - a Kaggle kernel must end with a submission whatever happened
         import traceback
 
         traceback.print_exc()
         print(f"steelkit bootstrap: FAILED: {type(err).__name__}: {err}", flush=True)
     finally:
-        fallback_submission(args)
+        fallback_submission(args, stale)
 
 
 if __name__ == "__main__":

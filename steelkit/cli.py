@@ -46,9 +46,20 @@ def _kernel(args) -> None:
             num_workers=args.num_workers,
             tta=args.tta,
             device=args.device,
+            fp16=not args.no_fp16,
             time_limit=args.time_limit,
         )
     )
+
+
+def _build_dataset(args) -> None:
+    from .manifest import MANIFEST_NAME
+    from .packaging import build_dataset
+
+    if (args.runs is None) == (args.manifest is None):
+        raise ValueError("give exactly one of --runs or --manifest")
+    manifest = args.manifest or args.runs / "export" / MANIFEST_NAME
+    build_dataset(manifest, args.out, args.dataset_id, args.title, args.license)
 
 
 def _score(args) -> None:
@@ -104,16 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("kernel", help="run the kernel in this process (kernels/inference.py is the Kaggle entry)")
-    p.add_argument("--input-root", type=Path, default=Path("/kaggle/input"))
-    p.add_argument("--working-dir", type=Path, default=Path("/kaggle/working"))
-    p.add_argument("--competition-dir", type=Path, default=None)
-    p.add_argument("--dataset-dir", type=Path, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--tta", default="h", choices=["none", "h", "v", "hv"])
-    p.add_argument("--device", default=None)
-    p.add_argument("--time-limit", type=float, default=3300.0)
+    p.add_argument("--input-root", type=Path, default=Path("/kaggle/input"), help="where inputs are searched")
+    p.add_argument("--working-dir", type=Path, default=Path("/kaggle/working"), help="where outputs go")
+    p.add_argument("--competition-dir", type=Path, default=None, help="default: found under --input-root")
+    p.add_argument("--dataset-dir", type=Path, default=None, help="default: found under --input-root")
+    p.add_argument("--batch-size", type=int, default=8, help="test images per batch")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding JPEGs")
+    p.add_argument("--tta", default="h", choices=["none", "h", "v", "hv"], help="flip TTA views")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-fp16", action="store_true", help="disable float16 autocast on CUDA")
+    p.add_argument("--time-limit", type=float, default=3300.0, help="seconds from start (Kaggle: 1 hour)")
     p.set_defaults(func=_kernel)
+
+    p = sub.add_parser("build-dataset", help="pack wheel + TorchScript weights + manifest for kaggle datasets create")
+    p.add_argument("--runs", type=Path, help="a run folder; its export/weights_manifest.json is packed")
+    p.add_argument("--manifest", type=Path, help="pack this weights_manifest.json instead (files beside it)")
+    p.add_argument("--out", type=Path, required=True, help="the dataset folder to create")
+    p.add_argument("--dataset-id", required=True, help="owner/slug, as for the Kaggle API")
+    p.add_argument("--title", default=None, help="dataset title (default: the slug)")
+    p.add_argument("--license", default="CC0-1.0")
+    p.set_defaults(func=_build_dataset)
 
     p = sub.add_parser("score", help="score a submission against labels with the competition metric")
     p.add_argument("submission", type=Path)
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f"steelkit {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -53,16 +53,22 @@ def simulate_kaggle_input(root: Path, competition: Path, dataset: Path, nested: 
 
 
 def run_kernel_subprocess(
-    input_root: Path, working_dir: Path, extra_args: Sequence[str] = (), offline: bool = True, timeout: float = 3600
+    input_root: Path,
+    working_dir: Path,
+    extra_args: Sequence[str] = (),
+    offline: bool = True,
+    timeout: float = 3600,
+    fresh: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Run ``kernels/inference.py`` as Kaggle would: a fresh process, a fresh working folder, no network, no
-    ``PYTHONPATH``; the kernel itself installs steelkit from the dataset's wheel with ``pip --no-index``."""
+    """Run ``kernels/inference.py`` as Kaggle would: a fresh process, a fresh working folder (unless
+    ``fresh=False``), no network, no ``PYTHONPATH``, no pip configuration; the kernel itself installs steelkit from
+    the dataset's wheel with ``pip --no-index``."""
     from .packaging import project_root
 
     working_dir = Path(working_dir)
-    if working_dir.exists():
+    if fresh and working_dir.exists():
         shutil.rmtree(working_dir)
-    working_dir.mkdir(parents=True)
+    working_dir.mkdir(parents=True, exist_ok=True)
     script = project_root() / "kernels" / "inference.py"
     command = [sys.executable, str(script), "--input-root", str(input_root), "--working-dir", str(working_dir)]
     command = (offline_prefix() if offline else []) + command + list(extra_args)

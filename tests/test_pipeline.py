@@ -178,3 +178,19 @@ def test_build_dataset_refuses_a_manifest_that_disagrees_with_its_files(built, t
     with pytest.raises(ValueError, match="tiny-fold0.pt: missing"):
         build_dataset(export / "weights_manifest.json", tmp_path / "out", "me/steelkit-weights")
     assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out.*")) == []
+
+
+def test_without_the_wheel_the_bootstrap_writes_the_all_empty_submission(built, tmp_path):
+    input_root = tmp_path / "input"
+    input_root.mkdir()
+    (input_root / "competition").symlink_to(built["competition"], target_is_directory=True)
+    working = tmp_path / "working"
+    working.mkdir()
+    (working / "submission.csv").write_text("stale file from an earlier run\n")
+    result = run_kernel_subprocess(input_root, working, ["--device", "cpu"], fresh=False)
+    assert result.returncode == 0
+    assert "FAILED: FileNotFoundError: no steelkit-*.whl" in result.stdout
+    assert "wrote the all-empty submission" in result.stdout
+    sample = read_sample_submission(built["competition"] / "sample_submission.csv")
+    frame = read_submission(working / "submission.csv", sample, SHAPE)
+    assert (frame["EncodedPixels"] == "").all()
