@@ -77,23 +77,26 @@ def run_kernel_subprocess(
     return subprocess.run(command, cwd=working_dir, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _overlay_png(competition: Path, submission: Path, path: Path, shape, count: int = 4) -> None:
-    """A few test images with the predicted masks drawn over them (class colours), stacked into one PNG."""
+def _overlay_png(competition: Path, submission: Path, labels: Path, path: Path, shape, count: int = 4) -> None:
+    """A few test images with predicted masks (thick, class colours) and true masks (thin, white), in one PNG."""
     import cv2
     import numpy as np
 
-    from .csvio import read_sample_submission, read_submission
+    from .csvio import read_labels, read_sample_submission, read_submission
     from .rle import decode
 
     colours = {1: (0, 0, 255), 2: (0, 255, 255), 3: (0, 255, 0), 4: (255, 0, 0)}
     frame = read_submission(submission, read_sample_submission(competition / SAMPLE_SUBMISSION_CSV), shape)
+    truth = read_labels(labels, shape).frame
     with_masks = list(dict.fromkeys(frame.loc[frame["EncodedPixels"] != "", "ImageId"]))[:count]
     tiles = []
     for image_id in with_masks:
         image = cv2.cvtColor(read_grey(competition / "test_images" / image_id), cv2.COLOR_GRAY2BGR)
-        for class_id, rle in frame.loc[frame["ImageId"] == image_id, ["ClassId", "EncodedPixels"]].itertuples(False):
-            contours, _ = cv2.findContours(decode(rle, shape), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(image, contours, -1, colours[int(class_id)], 2)
+        for rows, thickness in ((frame, 3), (truth, 1)):
+            for class_id, rle in rows.loc[rows["ImageId"] == image_id, ["ClassId", "EncodedPixels"]].itertuples(False):
+                contours, _ = cv2.findContours(decode(rle, shape), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+                colour = colours[int(class_id)] if thickness > 1 else (255, 255, 255)
+                cv2.drawContours(image, contours, -1, colour, thickness)
         cv2.putText(image, image_id, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
         tiles.append(image)
     if tiles:
@@ -154,7 +157,7 @@ def run_demo(
     submission = working / "submission.csv"
     shape = read_grey(competition / "test_images" / list_images(competition / "test_images")[0]).shape
     score = score_submission_file(submission, competition / SAMPLE_SUBMISSION_CSV, labels, shape)
-    _overlay_png(competition, submission, workdir / "test_predictions.png", shape)
+    _overlay_png(competition, submission, labels, workdir / "test_predictions.png", shape)
     report = json.loads((working / "kernel_report.json").read_text())
     summary = {
         "dice": score.mean,
