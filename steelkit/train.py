@@ -78,7 +78,7 @@ def _loader(dataset: SteelDataset, cfg: TrainConfig, shuffle: bool, seed: int) -
         num_workers=cfg.data.num_workers,
         drop_last=shuffle and len(dataset) > cfg.data.batch_size,
         generator=generator,
-        persistent_workers=False,
+        persistent_workers=cfg.data.num_workers > 0,
     )
 
 
