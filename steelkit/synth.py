@@ -12,7 +12,6 @@ non-square images (e.g. 32x200) keep the same layout. Every function takes its `
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,9 +23,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
 from .constants import (
+    CLASS_ID,
     CLASS_IDS,
+    ENCODED,
     HEIGHT,
     IMAGE_SHAPE,
     NEW_SUBMISSION_COLUMNS,
@@ -39,7 +41,8 @@ from .constants import (
     TRAIN_IMAGES,
     WIDTH,
 )
-from .rle import decode, encode, parse_runs
+from .csvio import read_labels, write_csv_atomic
+from .rle import decode, encode
 
 __all__ = ["AREA_MODEL", "COMBINATION_COUNTS", "MaskBank", "RenderInfo", "render_image", "sample_labels", "synthesize"]
 
@@ -93,24 +96,8 @@ class MaskBank:
         Raises:
             ValueError: unrecognised header, a bad row or RLE, or a class without masks; names the file.
         """
-        rles: dict[int, list[str]] = {c: [] for c in CLASS_IDS}
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, [])
-            if tuple(header) not in (tuple(NEW_TRAIN_COLUMNS), tuple(OLD_COLUMNS)):
-                raise ValueError(f"{path}: header {header} is neither {NEW_TRAIN_COLUMNS} nor {OLD_COLUMNS}")
-            old = tuple(header) == tuple(OLD_COLUMNS)
-            for line, row in enumerate(reader, start=2):
-                try:
-                    image_id, class_id, rle = (*row[0].rsplit("_", 1), row[1]) if old else row
-                    class_id = int(class_id)
-                    if class_id not in CLASS_IDS:
-                        raise ValueError(f"class {class_id} is not one of {CLASS_IDS}")
-                    if rle.strip():
-                        parse_runs(rle, IMAGE_SHAPE, image_id, class_id)
-                        rles[class_id].append(rle)
-                except (ValueError, IndexError) as err:
-                    raise ValueError(f"{path}, line {line}: {err}") from None
+        frame = read_labels(path, IMAGE_SHAPE).frame
+        rles = {c: frame.loc[frame[CLASS_ID] == c, ENCODED].tolist() for c in CLASS_IDS}
         return cls(rles, height, width, source=str(path))
 
     def sample(
@@ -430,13 +417,8 @@ def render_image(
 
 # ---------------------------------------------------------------------------------------------- folders
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-    """Write a CSV atomically (temporary file in the same folder, then ``os.replace``)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    """Write a CSV atomically with :func:`steelkit.csvio.write_csv_atomic`."""
+    write_csv_atomic(pd.DataFrame(list(rows), columns=list(header)), path)
 
 
 def _new_layout_rows(labels: dict[str, dict[int, str]]) -> list[tuple[str, int, str]]:

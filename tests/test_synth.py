@@ -358,5 +358,5 @@ def test_bank_rejects_bad_header_and_bad_rle(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.csv.*header"):
         synth.MaskBank.from_csv(_write(tmp_path / "bad.csv", [["ImageId", "Class", "Pixels"], ["a.jpg", "1", "1 1"]]))
     rows = [list(NEW_TRAIN_COLUMNS), ["a.jpg", "1", "5 3 1 1"]]
-    with pytest.raises(ValueError, match=r"rle\.csv, line 2"):
+    with pytest.raises(ValueError, match=r"rle\.csv: row 2: image a.jpg, class 1: .*unsorted"):
         synth.MaskBank.from_csv(_write(tmp_path / "rle.csv", rows))
