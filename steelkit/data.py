@@ -152,6 +152,7 @@ class SteelDataset(Dataset):
             cw = min(self.cfg.crop_width or w, w)
             y, x = _crop_origin(masks, (ch, cw), rng, self.cfg.crop_on_mask)
             image, masks = image[y : y + ch, x : x + cw], masks[y : y + ch, x : x + cw]
+            self.augment.set_random_seed(int(rng.integers(2**31)))  # flips follow (seed, epoch, index) too
             out = self.augment(image=np.ascontiguousarray(image), mask=np.ascontiguousarray(masks))
             image, masks = out["image"], out["mask"]
         image = torch.from_numpy(np.ascontiguousarray(image))[None]

@@ -194,3 +194,18 @@ def test_without_the_wheel_the_bootstrap_writes_the_all_empty_submission(built, 
     sample = read_sample_submission(built["competition"] / "sample_submission.csv")
     frame = read_submission(working / "submission.csv", sample, SHAPE)
     assert (frame["EncodedPixels"] == "").all()
+
+
+def test_training_items_are_reproducible(built):
+    """Crops and flips depend only on (seed, epoch, index): the same item twice is identical, another epoch differs."""
+    from steelkit.data import SteelDataset, load_training_set
+
+    data = load_training_set(built["competition"])
+    cfg = TrainConfig.from_dict(TINY)
+    defective = [i for i, flags in zip(data.image_ids, data.flags) if flags.any()]
+    a = SteelDataset(data, defective, cfg.data, train=True, seed=5)
+    b = SteelDataset(data, defective, cfg.data, train=True, seed=5)
+    for i in range(len(defective)):
+        assert all(torch.equal(x, y) for x, y in zip(a[i], b[i]))
+    b.set_epoch(1)
+    assert any(not torch.equal(a[i][0], b[i][0]) for i in range(len(defective)))

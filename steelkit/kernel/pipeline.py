@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..constants import CLASS_IDS, IMAGE_SHAPE, TEST_IMAGES
+from ..constants import CLASS_IDS, IMAGE_SHAPE, SAMPLE_SUBMISSION_CSV, TEST_IMAGES
 from ..csvio import read_sample_submission, write_submission
 from ..images import read_grey
-from ..manifest import load_manifest, verify_files
+from ..manifest import MANIFEST_NAME, load_manifest, verify_files
 from ..postprocess import PostProcess, apply_postprocess
 from ..rle import encode
 from .locate import find_competition, find_dataset
@@ -93,7 +93,7 @@ def run_kernel(settings: KernelSettings, progress: bool = True) -> dict[str, Any
         mark = now
 
     competition = Path(settings.competition_dir or find_competition(settings.input_root))
-    sample = read_sample_submission(competition / "sample_submission.csv")
+    sample = read_sample_submission(competition / SAMPLE_SUBMISSION_CSV)
     submission = working / "submission.csv"
     image_ids = sample.image_ids
     test_dir = competition / TEST_IMAGES
@@ -136,7 +136,7 @@ def _image_shape(test_dir: Path, image_ids: list[str], report: Report):
 
 def _predict(settings, image_ids, test_dir, shape, report, start, progress, stage):
     dataset = Path(settings.dataset_dir or find_dataset(settings.input_root))
-    manifest = load_manifest(dataset / "weights_manifest.json")
+    manifest = load_manifest(dataset / MANIFEST_NAME)
     entries, problems = verify_files(manifest)
     for message in problems:
         report.problem(message)
