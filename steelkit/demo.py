@@ -163,6 +163,7 @@ def run_demo(
         "dice": score.mean,
         "per_class": score.per_class,
         "all_empty": score.all_empty,
+        "per_class_all_empty": score.per_class_all_empty,
         "n_pairs": score.n_pairs,
         "timings_s": timings,
         "kernel_outcome": report["outcome"],
