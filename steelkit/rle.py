@@ -124,13 +124,22 @@ def decode(
     """
     starts, ends = parse_runs(rle, shape, image_id, class_id)
     height, width = shape
-    n_pixels = height * width
-    delta = np.zeros(n_pixels + 1, dtype=np.int8)
+    lengths = ends - starts
+    total = int(lengths.sum())
+    if total * 8 < height * width:
+        # sparse (most real masks): scatter the covered pixels straight into row-major order
+        out = np.zeros(shape, dtype=np.uint8)
+        if total:
+            index = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(total)
+            out.ravel()[(index % height) * width + index // height] = 1
+        return out
+    # dense: mark run edges in column-major order, integrate, transpose once
+    delta = np.zeros(height * width + 1, dtype=np.int8)
     # runs are sorted and disjoint, so each start and each end index is unique within its array
     delta[starts] += 1
     delta[ends] -= 1
     flat = np.cumsum(delta[:-1], dtype=np.int8).astype(np.uint8)
-    return flat.reshape(width, height).T.copy()
+    return np.ascontiguousarray(flat.reshape(width, height).T)
 
 
 def runs_area(starts: np.ndarray, ends: np.ndarray) -> int:

@@ -110,6 +110,20 @@ def test_property_round_trip_non_square(mask):
 
 
 @settings(max_examples=100, deadline=None)
+@given(shapes, st.lists(st.tuples(st.integers(0, 39), st.integers(0, 69)), max_size=40))
+def test_property_sparse_masks_round_trip(shape, pixels):
+    """Masks under 1/8 full take decode's scatter path; the dense tests above take the run-edge path."""
+    mask = np.zeros(shape, dtype=np.uint8)
+    for r, c in pixels:
+        mask[r % shape[0], c % shape[1]] = 1
+    rle = encode(mask)
+    assert rle == reference_encode(mask)
+    decoded = decode(rle, mask.shape)
+    assert decoded.flags.c_contiguous and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, mask)
+
+
+@settings(max_examples=100, deadline=None)
 @given(shapes.flatmap(lambda s: st.tuples(*[arrays(np.uint8, s, elements=st.integers(0, 1))] * 2)))
 def test_property_runs_intersection_equals_pixel_count(pair):
     a, b = pair
