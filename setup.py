@@ -10,6 +10,7 @@ TRAIN = [
     "scikit-learn>=1.3",
     "tqdm>=4.60",
     "PyYAML>=6.0",
+    "matplotlib>=3.5",
     # build_dataset.py builds the steelkit wheel offline, without build isolation
     "setuptools>=64",
     "wheel",

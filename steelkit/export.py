@@ -19,7 +19,8 @@ from .config import TrainConfig
 from .data import load_training_set
 from .manifest import MANIFEST_NAME, Manifest, ModelEntry, save_manifest, sha256_file
 from .models import build_segmenter
-from .search import search_postprocess, summarize
+from .plots import plot_search
+from .search import DEFAULT_THRESHOLDS, area_grid, search_postprocess, summarize
 from .train import load_checkpoint
 
 __all__ = ["export_run", "oof_arrays", "script_model"]
@@ -133,6 +134,7 @@ def export_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, max_o
         )
         print(f"exported {file.name}: {file.stat().st_size / 1e6:.1f} MB, val Dice {ckpt['metric']['value']:.4f}")
     settings, results = search_postprocess(probs, truth, area_scale)
+    plot_search(results, DEFAULT_THRESHOLDS, area_grid(probs.shape[-2:]), out_dir / "threshold_search.png", area_scale)
     postprocess = settings.to_dict()
     postprocess["source"] = f"out-of-fold search over {len(probs)} train images"
     postprocess["search"] = summarize(results)
@@ -151,6 +153,6 @@ def export_run(run_dir: Path, data_dir: Path, out_dir: Path | None = None, max_o
     print(
         f"exported {len(entries)} models to {out_dir} in {time.perf_counter() - start:.1f} s; "
         f"OOF Dice {before:.4f} at 0.5 -> {after:.4f} with searched thresholds {settings.pixel_threshold} "
-        f"and min areas {settings.min_area}"
+        f"and min areas {settings.min_area}; curves in {out_dir / 'threshold_search.png'}"
     )
     return manifest

@@ -41,6 +41,7 @@ class ClassSearch:
         threshold, min_area: the best pair (``min_area`` in pixels of the searched arrays).
         dice: mean Dice of the class at the best pair.
         baseline: mean Dice at threshold 0.5 with no minimum area.
+        empty: mean Dice of the all-empty prediction (the fraction of images without the class).
         table: ``(T, A)`` mean Dice of every pair, rows = thresholds, columns = areas.
     """
 
@@ -48,6 +49,7 @@ class ClassSearch:
     min_area: int
     dice: float
     baseline: float
+    empty: float
     table: np.ndarray
 
 
@@ -104,7 +106,8 @@ def search_class(
     table = table_from_counts(inter[:-1], pred_area[:-1], truth_area, min_areas)
     best = best_of_table(table)
     baseline = float(dice_from_areas(inter[-1], pred_area[-1], truth_area).mean())
-    return ClassSearch(float(thresholds[best[0]]), int(min_areas[best[1]]), float(table[best]), baseline, table)
+    empty = float(dice_from_areas(0, 0, truth_area).mean())
+    return ClassSearch(float(thresholds[best[0]]), int(min_areas[best[1]]), float(table[best]), baseline, empty, table)
 
 
 def area_grid(shape: tuple[int, int], fractions: Sequence[float] = DEFAULT_AREA_FRACTIONS) -> list[int]:
@@ -144,4 +147,5 @@ def summarize(results: Sequence[ClassSearch]) -> dict[str, list]:
         "min_area": [r.min_area for r in results],
         "dice": [r.dice for r in results],
         "baseline": [r.baseline for r in results],
+        "empty": [r.empty for r in results],
     }

@@ -67,6 +67,7 @@ def test_export_manifest_and_scripted_model(built):
     entry = manifest.models[0]
     assert entry.input["scale"] == 0.5 and entry.train_size == [32, 192] and entry.extra["fold_file"] == "folds.csv"
     assert len(manifest.postprocess["pixel_threshold"]) == 4
+    assert (manifest.folder / "threshold_search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     good, problems = verify_files(manifest)
     assert len(good) == 2 and problems == []
     with warnings.catch_warnings():

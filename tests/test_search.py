@@ -43,6 +43,7 @@ def test_search_picks_the_brute_force_optimum(c):
     assert (found.threshold, found.min_area) == (t, a)
     assert found.dice == pytest.approx(score)
     assert found.table.shape == (5, 5) and found.table.max() == pytest.approx(score)
+    assert found.empty == pytest.approx((truth[:, c].sum((1, 2)) == 0).mean())
 
 
 def test_search_improves_on_the_baseline_and_scales_areas():
