@@ -16,6 +16,7 @@ from .constants import CLASS_IDS, IMAGE_ID, TRAIN_CSV, TRAIN_IMAGES
 from .csvio import Labels, read_labels
 from .images import list_images, read_grey
 from .rle import decode
+from .tensors import scaled_size
 
 __all__ = ["SteelDataset", "TrainingSet", "assign_folds", "build_augment", "load_training_set"]
 
@@ -129,8 +130,7 @@ class SteelDataset(Dataset):
         self.augment = build_augment(cfg, train)
         self.seed = seed
         self.epoch = 0
-        h, w = data.shape
-        self.size = (max(1, round(h * cfg.scale)), max(1, round(w * cfg.scale)))
+        self.size = scaled_size(data.shape, cfg.scale)
 
     def __len__(self) -> int:
         return len(self.image_ids)

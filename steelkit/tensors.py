@@ -29,6 +29,16 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (x - m) / s
 
 
+def scaled_size(shape: Sequence[int], scale: float) -> tuple[int, int]:
+    """``(h, w)`` of an ``(H, W)`` image at resolution ``scale`` (training and the kernel resize to the same size)."""
+    return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
+
+
+def to_uint8(probs: torch.Tensor) -> torch.Tensor:
+    """Probabilities in [0, 1] to uint8 ``round(p * 255)``: how out-of-fold and test probabilities are kept."""
+    return (probs * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+
+
 def resize_to(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resize ``(N, C, H, W)`` to ``size``; a no-op when already that size.
 

@@ -35,8 +35,8 @@ from .data import SteelDataset, TrainingSet, assign_folds, folds_frame, load_tra
 from .losses import bce_dice_loss
 from .metric import dice_from_areas
 from .models import build_segmenter
-from .search import area_grid, best_of_table, table_from_counts
-from .tensors import normalize
+from .search import area_grid, best_of_table, class_counts, table_from_counts
+from .tensors import normalize, to_uint8
 
 __all__ = ["load_checkpoint", "predict_probs", "save_checkpoint", "seed_everything", "train", "train_fold"]
 
@@ -108,14 +108,12 @@ def _validate(model, loader, cfg, device, progress) -> dict:
         ``{"dice", "per_class", "thresholds", "min_areas", "dice_at_0.5"}``: ``dice`` (the checkpoint is selected on
         it) is the mean over classes of each class's post-processed Dice; ``dice_at_0.5`` is the plain Dice at 0.5.
     """
-    levels = torch.tensor(VAL_THRESHOLDS).view(-1, 1, 1, 1, 1)
     inter, pred_area, truth_area = [], [], []
     for probs, masks in predict_probs(model, loader, cfg, device, progress):
-        pred = probs[None] >= levels  # (T, B, 4, h, w)
-        truth = masks.bool()
-        inter.append((pred & truth[None]).sum((-2, -1)).numpy())
-        pred_area.append(pred.sum((-2, -1)).numpy())
-        truth_area.append(truth.sum((-2, -1)).numpy())
+        counts = [class_counts(probs[:, c].numpy(), masks[:, c].numpy(), VAL_THRESHOLDS) for c in range(probs.shape[1])]
+        inter.append(np.stack([i for i, _, _ in counts], axis=-1))  # (T, B, 4)
+        pred_area.append(np.stack([p for _, p, _ in counts], axis=-1))
+        truth_area.append(np.stack([t for _, _, t in counts], axis=-1))  # (B, 4)
         size = tuple(masks.shape[-2:])
     inter, pred_area, truth_area = (np.concatenate(x, axis=-2) for x in (inter, pred_area, truth_area))
     min_areas = area_grid(size)
@@ -249,7 +247,7 @@ def train_fold(
     )
     offset = 0
     for probs, _ in predict_probs(model, val_loader, cfg, device, progress):
-        oof[offset : offset + len(probs)] = (probs * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).numpy()
+        oof[offset : offset + len(probs)] = to_uint8(probs).numpy()
         offset += len(probs)
     oof.flush()
     del oof

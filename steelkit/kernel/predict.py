@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..images import read_grey
 from ..manifest import Manifest, ModelEntry
-from ..tensors import apply_tta, normalize, resize_to, tta_views
+from ..tensors import apply_tta, normalize, resize_to, scaled_size, to_uint8, tta_views
 
 __all__ = ["Ensemble", "LoadedModel", "TestImages", "load_models", "predict_stream"]
 
@@ -90,7 +90,7 @@ class Ensemble:
         inputs = model.entry.input
         full = tuple(images.shape[-2:])
         scale = float(inputs["scale"])
-        size = (max(1, round(full[0] * scale)), max(1, round(full[1] * scale)))
+        size = scaled_size(full, scale)
         x = resize_to(normalize(images, inputs["mean"], inputs["std"]), size, "area")
 
         def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -138,5 +138,5 @@ def predict_stream(
     )
     for indices, images, errors in loader:
         probs = ensemble(images.to(ensemble.device, non_blocking=True))
-        probs_u8 = (probs * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        probs_u8 = to_uint8(probs).cpu().numpy()
         yield indices.tolist(), probs_u8, list(errors)
