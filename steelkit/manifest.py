@@ -8,12 +8,16 @@ Schema (version 1)::
       "created": "2026-11-21T10:00:00+00:00",
       "image_size": [256, 1600],                    # (H, W) the models were trained for
       "postprocess": {"pixel_threshold": [4 floats], "min_area": [4 ints], "min_component": [4 ints],
+                      "label_threshold": [4 floats], "label_source": "max_prob" | "classifier",
                       "source": "how they were chosen"},
       "files": {"folds.csv": {"sha256": "...", "size": 1234}},   # auxiliary files (fold assignment)
       "models": [
         {"name": "cpu-tiny-fold0", "file": "cpu-tiny-fold0.pt", "sha256": "...", "size": 123456,
          "kind": "segmenter", "format": "torchscript", "architecture": "unet", "encoder": "tu-test_efficientnet",
-         "fold": 0, "folds": 2, "fold_file": "folds.csv", "classes": [1, 2, 3, 4], "activation": "sigmoid",
+         "fold": 0, "folds": 2, "fold_file": "folds.csv", "classes": [1, 2, 3, 4],
+         "activation": "sigmoid4",                  # segmenters: sigmoid4 | softmax5; classifiers: binary | multilabel
+         "job": "cpu-tiny", "aux_head": false,      # two-headed models return (masks, labels)
+         "averaged_from": [7, 9],                   # epochs whose weights were averaged into this file
          "input": {"channels": 3, "mean": [3 floats], "std": [3 floats], "scale": 0.5},
          "train_size": [128, 256], "val_metric": {"name": "dice", "value": 0.91, "per_class": [4 floats]},
          "thresholds": {"pixel_threshold": [...], "min_area": [...], "min_component": [...]},
@@ -75,6 +79,8 @@ MODEL_FIELDS: dict[str, type] = {
 }
 #: kinds of model the kernel knows
 MODEL_KINDS = ("segmenter", "classifier")
+#: output heads per kind (``sigmoid`` is schema-1's name of ``sigmoid4``)
+ACTIVATIONS = {"segmenter": ("sigmoid", "sigmoid4", "softmax5"), "classifier": ("binary", "multilabel")}
 
 PathLike = str | os.PathLike
 
@@ -122,8 +128,14 @@ class ModelEntry:
             raise ValueError(f"{where}: kind {values['kind']!r} is not one of {list(MODEL_KINDS)}")
         if values["format"] != "torchscript":
             raise ValueError(f"{where}: format {values['format']!r} is not 'torchscript'")
-        if sorted(values["classes"]) != list(CLASS_IDS):
-            raise ValueError(f"{where}: classes {values['classes']} must be {list(CLASS_IDS)}")
+        classes = values["classes"]
+        if not classes or sorted(set(classes)) != classes or not set(classes) <= set(CLASS_IDS):
+            raise ValueError(f"{where}: classes {classes} must be sorted, distinct class ids from {list(CLASS_IDS)}")
+        if values["activation"] not in ACTIVATIONS[values["kind"]]:
+            raise ValueError(
+                f"{where}: activation {values['activation']!r} of a {values['kind']} is not one of "
+                f"{list(ACTIVATIONS[values['kind']])}"
+            )
         for key in ("mean", "std", "scale"):
             if key not in values["input"]:
                 raise ValueError(f"{where}: input is missing {key!r}")
@@ -134,6 +146,11 @@ class ModelEntry:
         known = {k: values[k] for k in MODEL_FIELDS}
         extra = {k: v for k, v in values.items() if k not in MODEL_FIELDS}
         return cls(**known, extra=extra)
+
+    @property
+    def aux_head(self) -> bool:
+        """A two-headed segmenter: its TorchScript returns ``(mask_logits, label_logits)``."""
+        return bool(self.extra.get("aux_head", False))
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in MODEL_FIELDS}
