@@ -32,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--working-dir", type=Path, default=Path("/kaggle/working"))
     parser.add_argument("--competition-dir", type=Path, default=None, help="default: found under --input-root")
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: found under --input-root")
-    parser.add_argument("--time-limit", type=float, default=3300.0, help="seconds from start (Kaggle: 1 hour)")
+    parser.add_argument("--time-limit", type=float, default=3600.0, help="seconds from start (Kaggle: 1 hour)")
     return parser.parse_known_args(argv)
 
 

@@ -20,11 +20,20 @@ def _synth(args) -> None:
 
 
 def _train(args) -> None:
-    from .config import load_config
-    from .train import train
+    from .config import load_recipe, parse_overrides
+    from .train import train_recipe
 
-    cfg = load_config(args.config)
-    train(cfg, args.data, args.out, device=args.device, folds_to_train=args.folds, progress=not args.quiet)
+    recipe = load_recipe(args.config, parse_overrides(args.set))
+    train_recipe(
+        recipe,
+        args.data,
+        args.out,
+        device=args.device,
+        folds_to_train=args.folds,
+        progress=not args.quiet,
+        resume=not args.restart,
+        jobs=args.jobs,
+    )
 
 
 def _export(args) -> None:
@@ -35,7 +44,11 @@ def _export(args) -> None:
 
 def _kernel(args) -> None:
     from .kernel import KernelSettings, run_kernel
+    from .kernel.pseudo import PseudoSettings
 
+    pseudo = PseudoSettings(
+        rounds=args.pseudo_rounds, steps=args.pseudo_steps, lr=args.pseudo_lr, batch_size=args.pseudo_batch_size
+    )
     run_kernel(
         KernelSettings(
             input_root=args.input_root,
@@ -45,10 +58,24 @@ def _kernel(args) -> None:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             tta=args.tta,
+            reduction=args.reduction,
+            temperature=args.temperature,
             device=args.device,
             fp16=not args.no_fp16,
             time_limit=args.time_limit,
-        )
+            safety_margin=args.safety_margin,
+            stages=tuple(args.stages),
+            gate=args.gate,
+            oof_images=args.oof_images,
+            oof_scale=args.oof_scale,
+            store_scale=args.store_scale,
+            pseudo=pseudo,
+            max_batch=args.max_batch,
+            memory_cap=args.memory_cap,
+            stage_submissions=args.stage_submissions,
+            seed=args.seed,
+        ),
+        progress=not args.quiet,
     )
 
 
@@ -70,11 +97,12 @@ def _score(args) -> None:
 
 
 def _presets(args) -> None:
-    from .config import PRESETS_DIR, preset_names
+    from .config import load_recipe, preset_names
 
     for name in preset_names():
-        first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:16s} {first}")
+        recipe = load_recipe(name)
+        jobs = ", ".join(f"{j.name} ({j.model.kind} {j.model.arch}/{j.model.encoder})" for j in recipe.jobs)
+        print(f"{name:14s} {recipe.source}\n{'':14s} jobs: {jobs}")
 
 
 def _demo(args) -> None:
@@ -98,12 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["new", "old"], default="new", help="CSV layout to write")
     p.set_defaults(func=_synth)
 
-    p = sub.add_parser("train", help="train every fold of a config or preset")
+    p = sub.add_parser("train", help="train every job and fold of a recipe (a preset or a YAML file)")
     p.add_argument("--config", required=True, help="a YAML file or a preset name (see `steelkit presets`)")
     p.add_argument("--data", type=Path, required=True, help="competition folder (train.csv, train_images/)")
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write (one sub-folder per job)")
     p.add_argument("--device", default=None)
     p.add_argument("--folds", type=int, nargs="*", default=None, help="train only these folds")
+    p.add_argument("--jobs", nargs="*", default=None, help="train only these jobs of the recipe")
+    p.add_argument(
+        "--set", nargs="*", default=None, metavar="KEY=VALUE", help="override config keys, e.g. optim.epochs=1"
+    )
+    p.add_argument("--restart", action="store_true", help="ignore fold*/last.pt and train from scratch")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -122,9 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="test images per batch")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding JPEGs")
     p.add_argument("--tta", default="h", choices=["none", "h", "v", "hv"], help="flip TTA views")
+    p.add_argument("--reduction", default="mean", choices=["mean", "sharpen"], help="how TTA views are combined")
+    p.add_argument("--temperature", type=float, default=1.0, help="exponent t of --reduction sharpen (mean of p^t)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-fp16", action="store_true", help="disable float16 autocast on CUDA")
-    p.add_argument("--time-limit", type=float, default=3300.0, help="seconds from start (Kaggle: 1 hour)")
+    p.add_argument("--time-limit", type=float, default=3600.0, help="seconds from start (Kaggle: 1 hour)")
+    p.add_argument("--safety-margin", type=float, default=300.0, help="seconds never planned (max 10%% of the limit)")
+    p.add_argument(
+        "--stages",
+        nargs="*",
+        default=["oof", "search", "pseudo", "averaging"],
+        choices=["oof", "search", "pseudo", "averaging"],
+        help="optional stages to run (predict and write always run)",
+    )
+    p.add_argument("--gate", default="auto", choices=["auto", "none", "hard", "soft"], help="classifier gating")
+    p.add_argument("--oof-images", type=int, default=1000, help="held-out training images for the search")
+    p.add_argument("--oof-scale", type=float, default=0.25, help="resolution of the out-of-fold probabilities")
+    p.add_argument("--store-scale", type=float, default=0.5, help="resolution of the cached test probabilities")
+    p.add_argument("--pseudo-rounds", type=int, default=1, help="pseudo-label rounds")
+    p.add_argument("--pseudo-steps", type=int, default=40, help="fine-tuning steps per model per round")
+    p.add_argument("--pseudo-lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    p.add_argument("--pseudo-batch-size", type=int, default=8, help="fine-tuning batch (half pseudo-labelled)")
+    p.add_argument("--max-batch", type=int, default=64, help="images per forward pass (halved on out-of-memory)")
+    p.add_argument("--memory-cap", type=int, default=None, help="simulate out-of-memory above this many images")
+    p.add_argument("--stage-submissions", action="store_true", help="keep submission_<stage>.csv after each stage")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_kernel)
 
     p = sub.add_parser("build-dataset", help="pack wheel + TorchScript weights + manifest for kaggle datasets create")

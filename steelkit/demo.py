@@ -79,28 +79,27 @@ def run_kernel_subprocess(
 
 def _overlay_png(competition: Path, submission: Path, labels: Path, path: Path, shape, count: int = 4) -> None:
     """A few test images with predicted masks (thick, class colours) and true masks (thin, white), in one PNG."""
-    import cv2
     import numpy as np
 
     from .csvio import read_labels, read_sample_submission, read_submission
+    from .kernel.report import overlay_masks, write_overlays
     from .rle import decode
 
-    colours = {1: (0, 0, 255), 2: (0, 255, 255), 3: (0, 255, 0), 4: (255, 0, 0)}
     frame = read_submission(submission, read_sample_submission(competition / SAMPLE_SUBMISSION_CSV), shape)
     truth = read_labels(labels, shape).frame
+
+    def masks_of(rows, image_id):
+        out = np.zeros((4,) + tuple(shape), dtype=bool)
+        for class_id, rle in rows.loc[rows["ImageId"] == image_id, ["ClassId", "EncodedPixels"]].itertuples(False):
+            out[int(class_id) - 1] = decode(rle, shape).astype(bool)
+        return out
+
     with_masks = list(dict.fromkeys(frame.loc[frame["EncodedPixels"] != "", "ImageId"]))[:count]
-    tiles = []
-    for image_id in with_masks:
-        image = cv2.cvtColor(read_grey(competition / "test_images" / image_id), cv2.COLOR_GRAY2BGR)
-        for rows, thickness in ((frame, 3), (truth, 1)):
-            for class_id, rle in rows.loc[rows["ImageId"] == image_id, ["ClassId", "EncodedPixels"]].itertuples(False):
-                contours, _ = cv2.findContours(decode(rle, shape), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-                colour = colours[int(class_id)] if thickness > 1 else (255, 255, 255)
-                cv2.drawContours(image, contours, -1, colour, thickness)
-        cv2.putText(image, image_id, (8, 24), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
-        tiles.append(image)
-    if tiles:
-        cv2.imwrite(str(path), np.concatenate(tiles, axis=0))
+    tiles = [
+        overlay_masks(read_grey(competition / "test_images" / i), masks_of(frame, i), masks_of(truth, i), i)
+        for i in with_masks
+    ]
+    write_overlays(tiles, path)
 
 
 def run_demo(
@@ -111,12 +110,12 @@ def run_demo(
     Returns:
         The summary also written to ``workdir/demo_summary.json``.
     """
-    from .config import load_config
+    from .config import load_recipe
     from .export import export_run
     from .packaging import build_dataset
     from .scoring import score_submission_file
     from .synth import synthesize
-    from .train import train
+    from .train import train_recipe
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +131,9 @@ def run_demo(
         return out
 
     timed("synthesise", synthesize, competition, n_train, n_test, seed, labels_path=str(labels))
-    cfg = load_config(preset)
-    runs = workdir / "runs" / cfg.name
-    timed("train", train, cfg, competition, runs)
+    recipe = load_recipe(preset)
+    runs = workdir / "runs" / recipe.name
+    timed("train", train_recipe, recipe, competition, runs)
     timed("export", export_run, runs, competition)
     dist = workdir / "dist" / "steelkit-weights"
     timed(

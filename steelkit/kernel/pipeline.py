@@ -1,32 +1,61 @@
-"""The kernel's stages in order. A valid all-empty submission is written first, then replaced by the ensemble's.
+"""The kernel's stages in order, inside one time budget. A valid all-empty submission is written first; every later
+stage can only replace it with a better one.
 
-Stages: locate inputs -> read the sample submission -> write the all-empty submission -> verify the manifest's
-sha256s -> load TorchScript models -> predict (fold ensemble + flip TTA, streamed) -> post-process -> write the
-submission (validated, atomic) -> ``kernel_report.json``.
+Stages (each can be switched off; each is planned, timed and logged with its effect)::
+
+    locate -> all-empty submission -> verify sha256s -> load TorchScript models
+    predict    fold ensemble of every segmenter + flip TTA (+ classifiers), streamed; the plain-ensemble
+               submission is written here; probabilities are cached as uint8 at reduced size
+    oof        each fold's models predict their held-out training images (a subset when time is short)
+    search     per class: pixel threshold, component minimum size, label gate (max probability or classifier, or
+               soft gating), whole-mask minimum area, on the exact metric, with a split-half overfit guard
+    pseudo     rounds of fine-tuning on training + confident pseudo-labelled test images; kept only when the
+               out-of-fold Dice does not drop
+    averaging  per fold, greedy weight averaging of shipped and fine-tuned snapshots by out-of-fold Dice
+    write      post-process, encode, validate against the sample submission, write atomically
+
+A planner (:mod:`steelkit.kernel.plan`) measures throughput on the first batches, sizes every stage for the real
+test-set size and stops a stage at its deadline; ``kernel_report.json`` records the plan, each stage's estimated and
+actual time and every decision, beside PNGs of the search curves, test overlays and the timeline.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
 
 from .. import __version__
-from ..constants import CLASS_IDS, IMAGE_SHAPE, SAMPLE_SUBMISSION_CSV, TEST_IMAGES
+from ..constants import CLASS_IDS, IMAGE_SHAPE, NUM_CLASSES, SAMPLE_SUBMISSION_CSV, TEST_IMAGES, TRAIN_IMAGES
 from ..csvio import read_sample_submission, write_submission
 from ..images import read_grey
 from ..manifest import MANIFEST_NAME, load_manifest, verify_files
+from ..metric import dice_masks
 from ..postprocess import PostProcess, apply_postprocess
 from ..rle import encode
+from ..tensors import scaled_size
 from .locate import find_competition, find_dataset
-from .predict import Ensemble, load_models, predict_stream
+from .plan import Budget, Measurements, StageRequest, StageTimeout, Timeline, Variant, plan, replan
+from .predict import Ensemble, LoadedModel, load_models, predict_stream
+from .pseudo import PseudoSet, PseudoSettings, confidence_stats, finetune, select_confident
 
-__all__ = ["KernelSettings", "run_kernel"]
+__all__ = ["GATES", "KernelSettings", "run_kernel"]
+
+#: gating modes: none; hard (drop a class below a label threshold); soft (mask x classifier probability); auto
+#: (the best on out-of-fold Dice among those the models allow)
+GATES = ("auto", "none", "hard", "soft")
+#: every optional stage
+STAGES = ("oof", "search", "pseudo", "averaging")
 
 
 @dataclass(frozen=True)
@@ -35,13 +64,26 @@ class KernelSettings:
 
     Attributes:
         input_root: where Kaggle mounts inputs.
-        working_dir: where ``submission.csv`` and ``kernel_report.json`` go.
+        working_dir: where ``submission.csv``, ``kernel_report.json`` and the PNGs go.
         competition_dir, dataset_dir: skip the search under ``input_root`` when given.
         batch_size, num_workers: test-time DataLoader (workers decode JPEGs).
-        tta: flip TTA views: ``none``, ``h``, ``v`` or ``hv``.
+        tta: flip TTA views: ``none``, ``h``, ``v`` or ``hv`` (the planner may use fewer).
+        reduction, temperature: TTA reduction, ``mean`` or ``sharpen`` (mean of ``p ** temperature``).
         device: ``cuda`` / ``cpu``; ``None`` = CUDA when available.
         fp16: float16 autocast on CUDA.
-        time_limit: seconds from the kernel's start; prediction stops before it and unpredicted images stay empty.
+        time_limit: seconds from the kernel's start (Kaggle: 3600); ``safety_margin`` of it is never planned
+            (capped at 10 % of the limit).
+        stages: optional stages to run (``oof``, ``search``, ``pseudo``, ``averaging``).
+        gate: ``auto``, ``none``, ``hard`` or ``soft`` (see :data:`GATES`).
+        oof_images: out-of-fold images wanted for the search; ``oof_scale`` their stored resolution.
+        store_scale: resolution of the cached test probabilities (uint8).
+        search_repeats: split-half repeats of the search's overfit guard.
+        pseudo: pseudo-label selection and fine-tuning settings (``pseudo.rounds`` rounds).
+        max_batch: images per forward pass (halved on out-of-memory); ``memory_cap`` simulates OOM above it.
+        model_weights: ensemble weight per model name (default 1, or the manifest entry's ``weight``).
+        stage_submissions: also write ``submission_<stage>.csv`` after each stage that rewrites it (for ablations).
+        overlays: test images drawn with their predicted masks in ``test_overlays.png``.
+        seed: seed of every random choice (OOF subset, guard splits, fine-tuning).
     """
 
     input_root: Path = Path("/kaggle/input")
@@ -51,9 +93,38 @@ class KernelSettings:
     batch_size: int = 8
     num_workers: int = 2
     tta: str = "h"
+    reduction: str = "mean"
+    temperature: float = 1.0
     device: str | None = None
     fp16: bool = True
-    time_limit: float = 3300.0
+    time_limit: float = 3600.0
+    safety_margin: float = 300.0
+    stages: tuple[str, ...] = STAGES
+    gate: str = "auto"
+    oof_images: int = 1000
+    oof_scale: float = 0.25
+    store_scale: float = 0.5
+    search_repeats: int = 10
+    pseudo: PseudoSettings = field(default_factory=PseudoSettings)
+    max_batch: int = 64
+    memory_cap: int | None = None
+    model_weights: dict[str, float] | None = None
+    stage_submissions: bool = False
+    overlays: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.stages) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; valid: {list(STAGES)}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate {self.gate!r} is not one of {list(GATES)}")
+        if self.time_limit <= 0:
+            raise ValueError(f"time_limit must be > 0, got {self.time_limit}")
+
+    @property
+    def margin(self) -> float:
+        return min(self.safety_margin, 0.1 * self.time_limit)
 
 
 @dataclass
@@ -66,6 +137,14 @@ class Report:
     submission: str = ""
     outcome: str = "started"
     counts: dict[str, Any] = field(default_factory=dict)
+    plans: list[dict] = field(default_factory=list)
+    timeline: list[dict] = field(default_factory=list)
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    oof_dice: dict[str, Any] = field(default_factory=dict)
+    pseudo: list[dict] = field(default_factory=list)
+    averaging: list[dict] = field(default_factory=list)
+    search: dict[str, Any] = field(default_factory=dict)
+    figures: list[str] = field(default_factory=list)
 
     def problem(self, message: str) -> None:
         print(f"steelkit kernel: PROBLEM: {message}", flush=True)
@@ -74,122 +153,786 @@ class Report:
 
 def _write_report(report: Report, working_dir: Path) -> None:
     try:
-        (working_dir / "kernel_report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+        text = json.dumps(asdict(report), indent=2, default=str)
+        tmp = working_dir / ".kernel_report.json.tmp"
+        tmp.write_text(text)
+        tmp.replace(working_dir / "kernel_report.json")
     except OSError as err:
         print(f"steelkit kernel: cannot write kernel_report.json: {err}", flush=True)
 
 
+def _log(message: str) -> None:
+    print(f"steelkit kernel: {message}", flush=True)
+
+
+@dataclass
+class Oof:
+    """Out-of-fold predictions of the current models on held-out training images, at ``oof_scale``.
+
+    Attributes:
+        ids: image ids; ``folds``: ``(n,)`` fold of each; ``probs``: ``(n, 4, h, w)`` uint8; ``labels``: ``(n, 4)``
+        classifier probabilities or ``None``; ``truth``: ``(n, 4, h, w)`` uint8; ``area_scale``: full-resolution
+        pixels per stored pixel.
+    """
+
+    ids: list[str]
+    folds: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray | None
+    truth: np.ndarray
+    area_scale: float
+
+
+def _gated(probs: np.ndarray, labels: np.ndarray | None, gate: str) -> np.ndarray:
+    """Soft gating: uint8 probabilities times the classifier's probability per class (``(N, 4, h, w)``, ``(N, 4)``)."""
+    if gate != "soft" or labels is None:
+        return probs
+    return np.round(probs * labels[:, :, None, None]).astype(np.uint8)
+
+
+def oof_dice(oof: Oof, post: PostProcess, gate: str, mask: np.ndarray | None = None) -> np.ndarray:
+    """``(4,)`` mean Dice per class of the out-of-fold images (or those in ``mask``) under ``post`` and ``gate``."""
+    index = np.arange(len(oof.ids)) if mask is None else np.flatnonzero(mask)
+    probs = _gated(oof.probs[index], None if oof.labels is None else oof.labels[index], gate)
+    labels = None if oof.labels is None else oof.labels[index]
+    area = 1.0 / oof.area_scale
+    pred = np.stack(
+        [
+            apply_postprocess(p, post, area, None if labels is None or post.label_source != "classifier" else labels[i])
+            for i, p in enumerate(probs)
+        ]
+    )
+    return dice_masks(pred, oof.truth[index]).mean(0)
+
+
+class Kernel:
+    """State shared by the stages: inputs, models, the cached test probabilities and the current best settings."""
+
+    def __init__(self, settings: KernelSettings, report: Report, progress: bool) -> None:
+        self.settings = settings
+        self.report = report
+        self.progress = progress
+        self.working = Path(settings.working_dir)
+        self.submission = self.working / "submission.csv"
+        self.budget = Budget(settings.time_limit, settings.margin)
+        self.timeline = Timeline()
+        self.measurements = Measurements()
+        self.cache_dir: Path | None = None
+        self.oof: Oof | None = None
+        self.gate = "none"
+        self.snapshots: dict[str, list[dict]] = {}
+        self.shipped: dict[str, dict] = {}
+        self.written_by = "all-empty"
+
+    # ---------------------------------------------------------------------------------------------------- inputs
+    def locate(self) -> None:
+        s = self.settings
+        self.working.mkdir(parents=True, exist_ok=True)
+        self.competition = Path(s.competition_dir or find_competition(s.input_root))
+        self.sample = read_sample_submission(self.competition / SAMPLE_SUBMISSION_CSV)
+        self.image_ids = self.sample.image_ids
+        self.test_dir = self.competition / TEST_IMAGES
+        self.shape = self._image_shape()
+        write_submission(self.sample, {}, self.submission, self.shape)
+        self.report.submission = str(self.submission)
+        self.report.outcome = "all-empty written"
+        _log(f"{len(self.image_ids)} test images in {self.competition}; all-empty submission written")
+
+    def _image_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the test set: the first readable image's (256x1600 on Kaggle)."""
+        for image_id in self.image_ids[:20]:
+            try:
+                return read_grey(self.test_dir / image_id).shape
+            except ValueError as err:
+                self.report.problem(str(err))
+        return IMAGE_SHAPE
+
+    def load(self) -> bool:
+        s = self.settings
+        self.dataset = Path(s.dataset_dir or find_dataset(s.input_root))
+        self.manifest = load_manifest(self.dataset / MANIFEST_NAME)
+        entries, problems = verify_files(self.manifest)
+        for message in problems:
+            self.report.problem(message)
+        self.device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        models, problems = load_models(self.manifest, entries, self.device, s.model_weights)
+        for message in problems:
+            self.report.problem(message)
+        self.models: list[LoadedModel] = models
+        self.report.models = [m.entry.name for m in models]
+        self.segmenters = [m for m in models if m.kind == "segmenter"]
+        self.classifiers = [m for m in models if m.kind == "classifier"]
+        if not self.segmenters:
+            self.report.problem("no usable model (no segmenter loaded): the all-empty submission stands")
+            return False
+        self.post = PostProcess.from_dict(self.manifest.postprocess)
+        self.gate = "none"
+        _log(
+            f"{len(self.segmenters)} segmenters, {len(self.classifiers)} classifiers on {self.device}; "
+            f"manifest thresholds {self.post.pixel_threshold}, min areas {self.post.min_area}"
+        )
+        return True
+
+    def ensemble(self, models: list[LoadedModel], tta: str | None = None) -> Ensemble:
+        s = self.settings
+        return Ensemble(
+            models, tta or s.tta, self.device, s.fp16, s.reduction, s.temperature, s.max_batch, s.memory_cap
+        )
+
+    # ---------------------------------------------------------------------------------------------------- predict
+    def predict_test(self, tta: str, deadline, log, write: bool) -> None:
+        """Stream the test set through the ensemble; cache uint8 probabilities; optionally write the submission."""
+        s = self.settings
+        n = len(self.image_ids)
+        if self.cache_dir is None:
+            self.cache_dir = Path(tempfile.mkdtemp(prefix="steelkit-cache-"))
+        size = scaled_size(self.shape, s.store_scale)
+        self.cache = np.lib.format.open_memmap(
+            self.cache_dir / "test_probs.npy", mode="w+", dtype=np.uint8, shape=(n, NUM_CLASSES) + size
+        )
+        self.cache_labels = None if not self.classifiers else np.ones((n, NUM_CLASSES), dtype=np.float32)
+        self.max_prob = np.zeros((n, NUM_CLASSES), dtype=np.float32)
+        self.uncertain = np.zeros((n, NUM_CLASSES), dtype=np.float32)
+        self.readable = np.zeros(n, dtype=bool)
+        self.predicted = np.zeros(n, dtype=bool)
+        ensemble = self.ensemble(self.models, tta)
+        predictions: dict = {}
+        stream = predict_stream(ensemble, self.test_dir, self.image_ids, self.shape, s.batch_size, s.num_workers)
+        stream = self._bar(stream, -(-n // s.batch_size), "predict")
+        done, first, unreadable = 0, True, 0
+        batch_start = time.perf_counter()
+        try:
+            for indices, probs, labels, errors in stream:
+                for j, (index, image_probs, error) in enumerate(zip(indices, probs, errors)):
+                    if error:
+                        unreadable += 1
+                        self.report.problem(f"{error}; predicted empty")
+                        continue
+                    self.readable[index] = True
+                    self.cache[index] = _resize_probs(image_probs, size)
+                    if labels is not None:
+                        self.cache_labels[index] = labels[j]
+                    self.max_prob[index], self.uncertain[index] = confidence_stats(
+                        image_probs, s.pseudo.low, s.pseudo.high
+                    )
+                    if write:
+                        label = None if labels is None else labels[j]
+                        self._encode(predictions, self.image_ids[index], image_probs, self.post, "none", label, 1.0)
+                self.predicted[indices] = True
+                done += len(indices)
+                now = time.perf_counter()
+                if not first:  # the first batch pays for warm-up
+                    self.measurements.add(f"predict/{tta}", len(indices), now - batch_start)
+                first = False
+                batch_start = now
+                log.units_done = done
+                deadline.check()
+        except StageTimeout:
+            self.report.problem(f"time limit: prediction stopped after {done}/{n} images; the rest are empty")
+            raise
+        finally:
+            for message in ensemble.problems:
+                self.report.problem(message)
+            self.report.counts.update({"images": n, "predicted": done, "unreadable": unreadable})
+            self.cache.flush()
+            if write and predictions is not None and done:
+                self._write(predictions, "ensemble")
+        if "predict" not in [k.split("/")[0] for k in self.measurements.to_dict()]:
+            self.measurements.add(f"predict/{tta}", max(done, 1), time.perf_counter() - batch_start)
+
+    def _bar(self, iterable, total: int, desc: str):
+        if not self.progress:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, mininterval=2.0)
+
+    def _encode(self, predictions, image_id, probs, post, gate, label, area_scale) -> None:
+        if gate == "soft" and label is not None:
+            probs = np.round(probs * label[:, None, None]).astype(np.uint8)
+        classifier = None if post.label_source != "classifier" else (label if label is not None else np.ones(4))
+        masks = apply_postprocess(probs, post, area_scale, classifier)
+        for c, class_id in enumerate(CLASS_IDS):
+            if masks[c].any():
+                predictions[(image_id, class_id)] = encode(masks[c])
+
+    def _write(self, predictions: dict, stage: str) -> None:
+        write_submission(self.sample, predictions, self.submission, self.shape)
+        self.written_by = stage
+        self.report.outcome = f"{stage} written"
+        self.report.counts["masks_per_class"] = {c: sum(1 for k in predictions if k[1] == c) for c in CLASS_IDS}
+        if self.settings.stage_submissions:
+            shutil.copyfile(self.submission, self.working / f"submission_{stage}.csv")
+        _log(f"submission written after {stage}: {sum(self.report.counts['masks_per_class'].values())} masks")
+
+    def write_from_cache(self, stage: str, deadline=None) -> None:
+        """Post-process the cached probabilities (upsampled to full size) with the current settings and write."""
+        predictions: dict = {}
+        for index in np.flatnonzero(self.readable & self.predicted):
+            if deadline is not None and index % 64 == 0:
+                deadline.check()
+            probs = _resize_probs(np.asarray(self.cache[index]), self.shape)
+            label = None if self.cache_labels is None else self.cache_labels[index]
+            self._encode(predictions, self.image_ids[index], probs, self.post, self.gate, label, 1.0)
+        self._write(predictions, stage)
+
+    # ---------------------------------------------------------------------------------------------------- oof
+    def fold_groups(self) -> dict[int, list[LoadedModel]]:
+        """Models by fold, for the folds of the first segmenter's fold file (others cannot share its held-out set)."""
+        reference = self.segmenters[0].entry.extra.get("fold_file")
+        groups: dict[int, list[LoadedModel]] = {}
+        for model in self.models:
+            if model.entry.extra.get("fold_file") == reference and reference:
+                groups.setdefault(model.entry.fold, []).append(model)
+        return {k: g for k, g in sorted(groups.items()) if any(m.kind == "segmenter" for m in g)}
+
+    def oof_candidates(self) -> tuple[list[str], np.ndarray]:
+        """Training images with their fold, from the manifest's fold file, that exist on disk."""
+        import pandas as pd
+
+        reference = self.segmenters[0].entry.extra.get("fold_file")
+        if not reference:
+            raise ValueError("the manifest's segmenters name no fold_file: no out-of-fold images")
+        frame = pd.read_csv(self.manifest.path_of(reference))
+        groups = self.fold_groups()
+        frame = frame[frame["fold"].isin(list(groups))]
+        train_dir = self.competition / TRAIN_IMAGES
+        present = frame["ImageId"].map(lambda i: (train_dir / i).is_file())
+        if (~present).any():
+            self.report.problem(f"{int((~present).sum())} training images of {reference} are not in {train_dir}")
+        frame = frame[present]
+        return frame["ImageId"].tolist(), frame["fold"].to_numpy()
+
+    def predict_oof(self, units: int, deadline, log) -> None:
+        """Predict ``units`` held-out training images (spread over the folds) with their fold's models."""
+        from ..data import load_training_set
+
+        s = self.settings
+        ids, folds = self.oof_candidates()
+        rng = np.random.default_rng(s.seed)
+        if units < len(ids):
+            keep = np.sort(rng.choice(len(ids), units, replace=False))
+            ids, folds = [ids[i] for i in keep], folds[keep]
+        self.training = load_training_set(self.competition)
+        size = scaled_size(self.shape, s.oof_scale)
+        n = len(ids)
+        probs = np.zeros((n, NUM_CLASSES) + size, dtype=np.uint8)
+        labels = None if not self.classifiers else np.ones((n, NUM_CLASSES), dtype=np.float32)
+        truth = np.stack([self.training.masks(i, size) for i in ids]) if n else np.zeros((0, 4) + size, np.uint8)
+        done = np.zeros(n, dtype=bool)
+        self.oof = Oof(ids, folds, probs, labels, truth, (self.shape[0] * self.shape[1]) / (size[0] * size[1]))
+        try:
+            for k, models in self.fold_groups().items():
+                self._predict_fold_oof(k, models, deadline, log, done)
+        finally:
+            if not done.all():
+                self.report.problem(f"out-of-fold prediction stopped after {int(done.sum())}/{n} images")
+                self.oof = Oof(
+                    [i for i, d in zip(ids, done) if d],
+                    folds[done],
+                    probs[done],
+                    None if labels is None else labels[done],
+                    truth[done],
+                    self.oof.area_scale,
+                )
+
+    def _predict_fold_oof(self, k: int, models: list[LoadedModel], deadline, log, done: np.ndarray | None) -> None:
+        s = self.settings
+        index = np.flatnonzero(self.oof.folds == k)
+        if not len(index):
+            return
+        ensemble = self.ensemble(models)
+        size = self.oof.probs.shape[-2:]
+        ids = [self.oof.ids[i] for i in index]
+        start = time.perf_counter()
+        count = 0
+        for local, probs, labels, _errors in predict_stream(
+            ensemble, self.competition / TRAIN_IMAGES, ids, self.shape, s.batch_size, s.num_workers
+        ):
+            for j, (i, p) in enumerate(zip(local, probs)):
+                self.oof.probs[index[i]] = _resize_probs(p, size)
+                if labels is not None and self.oof.labels is not None:
+                    self.oof.labels[index[i]] = labels[j]
+                if done is not None:
+                    done[index[i]] = True
+            count += len(local)
+            if log is not None:
+                log.units_done = (log.units_done or 0) + len(local)
+            deadline.check()
+        self.measurements.add("oof", count, time.perf_counter() - start)
+        for message in ensemble.problems:
+            self.report.problem(message)
+
+    # ---------------------------------------------------------------------------------------------------- search
+    def search(self, log) -> bool:
+        """Search post-processing and gating on the out-of-fold set; returns whether the settings changed."""
+        from ..search import SearchGrid, search_full
+
+        s = self.settings
+        oof = self.oof
+        if oof is None or len(oof.ids) < 8:
+            raise ValueError("too few out-of-fold images to search on")
+        defaults = replace(self.post, label_threshold=(0.0,) * NUM_CLASSES, label_source="max_prob")
+        gates = ["none"]
+        if oof.labels is not None:
+            gates += ["hard", "soft"]
+        if s.gate != "auto":
+            gates = [g for g in gates if g == s.gate] or ["none"]
+        before = oof_dice(oof, self.post, self.gate)
+        results = {}
+        grid = SearchGrid(min_areas=None)
+        for gate in gates:
+            probs = _gated(oof.probs, oof.labels, gate)
+            label_probs = oof.labels if gate == "hard" else None
+            results[gate] = search_full(
+                probs, oof.truth, grid, label_probs, defaults, oof.area_scale, True, s.search_repeats, s.seed
+            )
+        best_gate = max(gates, key=lambda g: (results[g].dice_after, -gates.index(g)))
+        result = results[best_gate]
+        after = oof_dice(oof, result.settings, best_gate)
+        self.report.search = {g: r.to_dict() for g, r in results.items()}
+        self.report.search["chosen_gate"] = best_gate
+        self.search_result = result
+        log.effect.update(
+            {
+                "oof_dice_before": float(before.mean()),
+                "oof_dice_after": float(after.mean()),
+                "per_class_before": before.round(5).tolist(),
+                "per_class_after": after.round(5).tolist(),
+                "gate": best_gate,
+                "accepted": [r.accepted for r in result.classes],
+                "reasons": [r.reason for r in result.classes],
+                "oof_images": len(oof.ids),
+            }
+        )
+        _log(
+            f"search on {len(oof.ids)} OOF images: gate {best_gate}, thresholds {result.settings.pixel_threshold}, "
+            f"min areas {result.settings.min_area}, min components {result.settings.min_component}, label "
+            f"thresholds {result.settings.label_threshold}; OOF Dice {before.mean():.4f} -> {after.mean():.4f}"
+        )
+        if after.mean() + 1e-12 < before.mean():
+            log.effect["kept"] = "previous settings (the search did not improve OOF Dice)"
+            return False
+        changed = result.settings != self.post or best_gate != self.gate
+        self.post, self.gate = result.settings, best_gate
+        self.report.postprocess = {**self.post.to_dict(), "gate": self.gate}
+        return changed
+
+    # ---------------------------------------------------------------------------------------------------- pseudo
+    def pseudo_round(self, r: int, steps: int, deadline, log) -> dict:
+        """One round: select, fine-tune every fold's segmenters, score OOF, keep or roll back."""
+        s = self.settings
+        chosen = select_confident(self.max_prob, self.uncertain, self.cache_labels, s.pseudo, self.readable)
+        info: dict[str, Any] = {"round": r, "pseudo_images": int(len(chosen)), "steps": steps}
+        if len(chosen) == 0:
+            info["outcome"] = "skipped: no confident test images"
+            return info
+        info["pseudo_defect_images"] = int((self.max_prob[chosen] >= s.pseudo.high).any(1).sum())
+        before = oof_dice(self.oof, self.post, self.gate)
+        saved = {m.entry.name: _state(m.module) for m in self.segmenters}
+        saved_oof = (self.oof.probs.copy(), None if self.oof.labels is None else self.oof.labels.copy())
+        import pandas as pd
+
+        folds_frame = pd.read_csv(self.manifest.path_of(self.segmenters[0].entry.extra["fold_file"]))
+        train_dir = self.competition / TRAIN_IMAGES
+        pseudo_items = [self._pseudo_item(i) for i in chosen]
+        round_snapshots: dict[str, list[dict]] = {}
+        try:
+            for k, models in self.fold_groups().items():
+                train_ids = folds_frame.loc[folds_frame["fold"] != k, "ImageId"].tolist()
+                train_ids = [i for i in train_ids if (train_dir / i).is_file()]
+                for model in [m for m in models if m.kind == "segmenter"]:
+                    size = scaled_size(self.shape, float(model.entry.input["scale"]))
+                    train_set = PseudoSet([self._train_item(i) for i in train_ids], size)
+                    pseudo_set = PseudoSet(pseudo_items, size)
+                    start = time.perf_counter()
+                    snaps, fit = finetune(
+                        model.module,
+                        model.entry,
+                        train_set,
+                        pseudo_set,
+                        s.pseudo,
+                        steps,
+                        self.device,
+                        s.seed + r,
+                        deadline,
+                        s.fp16,
+                    )
+                    self.measurements.add("pseudo", steps, time.perf_counter() - start)
+                    round_snapshots[model.entry.name] = snaps
+                    info.setdefault("finetune", {})[model.entry.name] = fit
+                self._predict_fold_oof(k, models, deadline, None, None)
+        except BaseException:
+            self._restore(saved, saved_oof)
+            raise
+        after = oof_dice(self.oof, self.post, self.gate)
+        info.update({"oof_dice_before": float(before.mean()), "oof_dice_after": float(after.mean())})
+        for name, snaps in round_snapshots.items():
+            self.snapshots.setdefault(name, []).extend(snaps)
+        if after.mean() + 1e-9 < before.mean():
+            self._restore(saved, saved_oof)
+            info["outcome"] = "rejected: out-of-fold Dice dropped"
+        else:
+            info["outcome"] = "kept"
+        _log(
+            f"pseudo round {r + 1}: {len(chosen)} images, OOF Dice {before.mean():.4f} -> {after.mean():.4f}: "
+            f"{info['outcome']}"
+        )
+        return info
+
+    def _restore(self, saved: dict, saved_oof) -> None:
+        for model in self.segmenters:
+            model.module.load_state_dict(saved[model.entry.name])
+        self.oof.probs[:] = saved_oof[0]
+        if saved_oof[1] is not None:
+            self.oof.labels[:] = saved_oof[1]
+
+    def _pseudo_item(self, index: int):
+        path = self.test_dir / self.image_ids[index]
+        area = (self.cache.shape[-2] * self.cache.shape[-1]) / (self.shape[0] * self.shape[1])
+
+        def masks() -> np.ndarray:
+            probs = np.asarray(self.cache[index])
+            label = None if self.cache_labels is None else self.cache_labels[index]
+            if self.gate == "soft" and label is not None:
+                probs = np.round(probs * label[:, None, None]).astype(np.uint8)
+            classifier = None if self.post.label_source != "classifier" else label
+            return apply_postprocess(probs, self.post, area, classifier).astype(np.uint8)
+
+        return (lambda: read_grey(path, self.shape)), masks
+
+    def _train_item(self, image_id: str):
+        path = self.competition / TRAIN_IMAGES / image_id
+        return (lambda: read_grey(path, self.shape)), (lambda: self.training.masks(image_id))
+
+    # ---------------------------------------------------------------------------------------------------- averaging
+    def average(self, deadline, log) -> bool:
+        """Per fold and segmenter: greedy average of its current, shipped, fine-tuned and same-architecture weights."""
+        from ..averaging import greedy_average
+
+        changed = False
+        groups = self.fold_groups()
+        for k, models in groups.items():
+            mask = self.oof.folds == k
+            if not mask.any():
+                continue
+            for model in [m for m in models if m.kind == "segmenter"]:
+                deadline.check()
+                name = model.entry.name
+                candidates = [("current", _state(model.module))]
+                if name in self.shipped:
+                    candidates.append(("shipped", self.shipped[name]))
+                candidates += [(f"snapshot{i}", sd) for i, sd in enumerate(self.snapshots.get(name, []))]
+                candidates += [
+                    (other.entry.name, _state(other.module))
+                    for other in models
+                    if other is not model and _same_architecture(other, model)
+                ]
+                if len(candidates) < 2:
+                    continue
+                saved = candidates[0][1]
+                saved_probs = self.oof.probs[mask].copy()
+
+                def score(state_dict, model=model, k=k, models=models, mask=mask):
+                    deadline.check()
+                    model.module.load_state_dict(state_dict)
+                    self._predict_fold_oof(k, models, deadline, None, None)
+                    return float(oof_dice(self.oof, self.post, self.gate, mask).mean())
+
+                try:
+                    result = greedy_average(candidates, score)
+                except StageTimeout:
+                    model.module.load_state_dict(saved)
+                    self.oof.probs[mask] = saved_probs
+                    raise
+                current_score = result.individual["current"]
+                entry = {
+                    "model": name,
+                    "fold": k,
+                    "chosen": list(result.chosen),
+                    "score": result.score,
+                    "current": current_score,
+                    "candidates": [c for c, _ in candidates],
+                }
+                if result.chosen != ("current",) and result.score > current_score + 1e-9:
+                    model.module.load_state_dict(result.state_dict)
+                    self._predict_fold_oof(k, models, deadline, None, None)
+                    entry["outcome"] = "averaged"
+                    changed = True
+                else:
+                    model.module.load_state_dict(saved)
+                    self.oof.probs[mask] = saved_probs
+                    entry["outcome"] = "kept current weights"
+                self.report.averaging.append(entry)
+                _log(
+                    f"averaging {name}: {entry['outcome']} ({list(result.chosen)}, "
+                    f"OOF {current_score:.4f} -> {result.score:.4f})"
+                )
+        log.effect["averaging"] = self.report.averaging
+        return changed
+
+
+def _same_architecture(a: LoadedModel, b: LoadedModel) -> bool:
+    keys = ("architecture", "encoder", "activation", "classes")
+    return (
+        all(getattr(a.entry, k) == getattr(b.entry, k) for k in keys)
+        and a.entry.input == b.entry.input
+        and (a.entry.aux_head == b.entry.aux_head)
+    )
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(C, H, W)`` uint8 probabilities to ``(C, h, w)``: area when shrinking, bilinear when growing."""
+    if tuple(probs.shape[-2:]) == tuple(size):
+        return probs
+    h, w = size
+    shrink = h * w < probs.shape[-2] * probs.shape[-1]
+    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(p, (w, h), interpolation=interpolation) for p in probs])
+
+
+def _requests(kernel: Kernel, settings: KernelSettings) -> list[StageRequest]:
+    """What each stage would like to do, with first estimates (replaced by measurements as stages run)."""
+    n = len(kernel.image_ids)
+    views = {"none": 1, "h": 2, "v": 2, "hv": 4}
+    per_view = kernel.measurements.seconds_per_unit(f"predict/{settings.tta}")
+    per_view = (per_view or 0.05) / views[settings.tta]
+    ladder = [t for t in ("hv", "h", "none") if views[t] <= views[settings.tta] and t != settings.tta]
+    predict_spu = per_view * views[settings.tta]
+    groups = kernel.fold_groups() if kernel.segmenters else {}
+    n_models = max(1, len(kernel.models))
+    fold_share = max(1, len(groups))
+    oof_spu = predict_spu / fold_share
+    try:
+        oof_total = len(kernel.oof_candidates()[0]) if "oof" in settings.stages and groups else 0
+    except (ValueError, OSError):
+        oof_total = 0
+    oof_units = min(settings.oof_images, oof_total)
+    n_seg = max(1, len(kernel.segmenters))
+    step_s = kernel.measurements.seconds_per_unit("pseudo", predict_spu * settings.pseudo.batch_size * 1.5 / n_models)
+    rounds = settings.pseudo.rounds
+    # a pseudo round also re-predicts the OOF set and, when kept, the test set
+    pseudo_fixed = rounds * (oof_units * oof_spu + n * predict_spu)
+    avg_candidates = n_seg * 3
+    write_spu = 0.004
+    requests = [
+        StageRequest(
+            "predict",
+            n,
+            predict_spu,
+            min_units=0,
+            mandatory=True,
+            label=settings.tta,
+            shrink_steps=tuple(Variant(t, per_view * views[t]) for t in ladder),
+            unit_name="images",
+        ),
+        StageRequest("oof", oof_units, oof_spu, min_units=min(oof_units, 48), value=3.0, unit_name="images"),
+        StageRequest("search", 1, 2.0 + 0.01 * oof_units, value=3.0, requires=("oof",)),
+        StageRequest(
+            "pseudo",
+            rounds * settings.pseudo.steps * n_seg,
+            step_s,
+            min_units=min(rounds * n_seg * 5, rounds * settings.pseudo.steps * n_seg),
+            fixed_seconds=pseudo_fixed,
+            value=1.0,
+            requires=("oof",),
+            unit_name="steps",
+        ),
+        StageRequest(
+            "averaging",
+            avg_candidates,
+            oof_units * oof_spu / fold_share + 0.1,
+            min_units=min(avg_candidates, 2),
+            fixed_seconds=n * predict_spu,
+            value=0.5,
+            requires=("oof",),
+            unit_name="evaluations",
+        ),
+        StageRequest("write", n, write_spu, mandatory=True, unit_name="images"),
+    ]
+    wanted = set(settings.stages)
+    return [r for r in requests if r.mandatory or (r.name in wanted and r.units > 0)]
+
+
 def run_kernel(settings: KernelSettings, progress: bool = True) -> dict[str, Any]:
     """Run the kernel end to end and return its report (also written as ``kernel_report.json``)."""
-    start = time.perf_counter()
-    working = Path(settings.working_dir)
     report = Report(settings={k: str(v) for k, v in asdict(settings).items()})
-    mark = start
-
-    def stage(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        report.stages[name] = round(now - mark, 3)
-        mark = now
-
-    competition = Path(settings.competition_dir or find_competition(settings.input_root))
-    sample = read_sample_submission(competition / SAMPLE_SUBMISSION_CSV)
-    submission = working / "submission.csv"
-    image_ids = sample.image_ids
-    test_dir = competition / TEST_IMAGES
-    shape = _image_shape(test_dir, image_ids, report)
-    write_submission(sample, {}, submission, shape)
-    report.submission = str(submission)
-    report.outcome = "all-empty written"
-    stage("locate and write all-empty")
-    print(f"steelkit kernel: {len(image_ids)} test images in {competition}; all-empty submission written", flush=True)
-
+    kernel = Kernel(settings, report, progress)
+    start = time.perf_counter()
+    kernel.locate()
+    report.stages["locate and write all-empty"] = round(time.perf_counter() - start, 3)
     try:
-        predictions = _predict(settings, image_ids, test_dir, shape, report, start, progress, stage)
-        if predictions is not None:
-            write_submission(sample, predictions, submission, shape)
-            report.outcome = "ensemble written"
-            stage("write")
-    except Exception as err:  # noqa: BLE001 - the all-empty submission already stands; report and keep it
-        report.problem(f"{type(err).__name__}: {err}; keeping the previous valid submission")
+        _run(kernel)
+    except Exception as err:  # noqa: BLE001 - the best submission so far stands; report and keep it
+        report.problem(f"{type(err).__name__}: {err}; keeping the submission written after {kernel.written_by}")
         report.counts["traceback"] = traceback.format_exc()
+    finally:
+        if kernel.cache_dir is not None:
+            shutil.rmtree(kernel.cache_dir, ignore_errors=True)
+    report.timeline = kernel.timeline.to_dict()
     report.stages["total"] = round(time.perf_counter() - start, 3)
-    _write_report(report, working)
+    _figures(kernel)
+    _write_report(report, kernel.working)
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in report.stages.items())
-    print(
-        f"steelkit kernel: {report.outcome} to {submission}; {len(report.models)} models; "
-        f"{len(report.problems)} problems; {stages}",
-        flush=True,
+    _log(
+        f"{report.outcome} to {kernel.submission}; {len(report.models)} models; {len(report.problems)} problems; "
+        f"{stages}"
     )
     return asdict(report)
 
 
-def _image_shape(test_dir: Path, image_ids: list[str], report: Report):
-    """``(H, W)`` of the test set: read from the first readable image (256x1600 on Kaggle)."""
-    for image_id in image_ids[:20]:
+def _run(kernel: Kernel) -> None:
+    settings, report, budget, timeline = kernel.settings, kernel.report, kernel.budget, kernel.timeline
+    mark = time.perf_counter()
+    loaded = kernel.load()
+    report.stages["verify and load models"] = round(time.perf_counter() - mark, 3)
+    if not loaded:
+        return
+    requests = _requests(kernel, settings)
+    current = plan(requests, budget.remaining())
+    report.plans.append({"when": "start", **current.to_dict()})
+    for line in current.summary_lines():
+        _log(f"plan: {line}")
+    done: set[str] = set()
+    oof_ok = False
+    for request in requests:
+        name = request.name
+        decision = current[name] if name in current else None
+        if decision is None or decision.action == "dropped":
+            if decision is not None:
+                timeline.dropped(decision)
+            done.add(name)
+            continue
+        if name in ("search", "pseudo", "averaging") and not oof_ok:
+            timeline.dropped(replace(decision, action="dropped", reason="no out-of-fold predictions"))
+            done.add(name)
+            continue
+        remaining = budget.remaining()
+        allowance = current.allowance_s(name, remaining)
+        if not decision.mandatory:  # small estimates are noisy: allow 1.5x + 10 s while the budget has room
+            allowance = max(
+                allowance, min(current.allowance_s(name, remaining, math.inf), 1.5 * decision.estimated_s + 10)
+            )
+        deadline = budget.deadline_for(allowance, name)
+        mark = time.perf_counter()
+        with timeline.stage(decision) as log:
+            if name == "predict":
+                kernel.predict_test(decision.variant or settings.tta, deadline, log, write=True)
+            elif name == "oof":
+                kernel.predict_oof(decision.units, deadline, log)
+                oof_ok = True
+                log.effect["oof_dice"] = oof_dice(kernel.oof, kernel.post, kernel.gate).round(5).tolist()
+                report.oof_dice["ensemble"] = log.effect["oof_dice"]
+            elif name == "search":
+                if kernel.search(log):
+                    kernel.write_from_cache("search", deadline)
+                report.oof_dice["search"] = log.effect["per_class_after"]
+            elif name == "pseudo":
+                _pseudo(kernel, decision, deadline, log)
+            elif name == "averaging":
+                if kernel.average(deadline, log):
+                    kernel.predict_test(
+                        settings.tta if decision.variant == "" else decision.variant, deadline, log, write=False
+                    )
+                    kernel.write_from_cache("averaging", deadline)
+                report.oof_dice["averaging"] = oof_dice(kernel.oof, kernel.post, kernel.gate).round(5).tolist()
+            elif name == "write":
+                if kernel.written_by not in ("all-empty",) and kernel.written_by != "final":
+                    log.effect["written_by"] = kernel.written_by
+        if name == "oof" and not log.ok:
+            oof_ok = kernel.oof is not None and len(kernel.oof.ids) >= 8
+        if log.outcome.startswith("failed"):
+            report.problem(f"stage {name} {log.outcome}; keeping the submission written after {kernel.written_by}")
+        report.stages[name] = round(time.perf_counter() - mark, 3)
+        done.add(name)
+        current = replan(requests, kernel.measurements, budget, done=done)
+        report.plans.append({"when": f"after {name}", **current.to_dict()})
+    report.counts["written_by"] = kernel.written_by
+    report.counts["pseudo_rounds"] = report.pseudo
+
+
+def _pseudo(kernel: Kernel, decision, deadline, log) -> None:
+    settings = kernel.settings
+    rounds = settings.pseudo.rounds
+    n_seg = max(1, len(kernel.segmenters))
+    steps = max(1, decision.units // max(1, rounds * n_seg))
+    kernel.shipped = {m.entry.name: _state(m.module) for m in kernel.segmenters}
+    kept_any = False
+    for r in range(rounds):
+        info = kernel.pseudo_round(r, steps, deadline, log)
+        kernel.report.pseudo.append(info)
+        if info.get("outcome") == "kept":
+            kept_any = True
+            kernel.predict_test(settings.tta, deadline, log, write=False)
+            kernel.write_from_cache(f"pseudo{r + 1}", deadline)
+    log.effect["rounds"] = kernel.report.pseudo
+    log.effect["kept"] = kept_any
+    kernel.report.oof_dice["pseudo"] = oof_dice(kernel.oof, kernel.post, kernel.gate).round(5).tolist()
+
+
+def _figures(kernel: Kernel) -> None:
+    """PNGs beside the report: search curves, test overlays, stage timeline (never fatal)."""
+    from . import report as figures
+
+    working = kernel.working
+    try:
+        figures.plot_stage_timeline(kernel.timeline.logs, kernel.budget.limit_s, working / "kernel_timeline.png")
+        kernel.report.figures.append("kernel_timeline.png")
+    except Exception as err:  # noqa: BLE001 - figures are a bonus
+        kernel.report.problem(f"timeline figure failed: {type(err).__name__}: {err}")
+    result = getattr(kernel, "search_result", None)
+    if result is not None:
         try:
-            return read_grey(test_dir / image_id).shape
-        except ValueError as err:
-            report.problem(str(err))
-    return IMAGE_SHAPE
+            curves = {f"class {c}": _curves(r, result) for c, r in zip(CLASS_IDS, result.classes)}
+            figures.plot_curves(curves, working / "search_curves.png")
+            kernel.report.figures.append("search_curves.png")
+        except Exception as err:  # noqa: BLE001
+            kernel.report.problem(f"search figure failed: {type(err).__name__}: {err}")
+    try:
+        _overlays(kernel, working / "test_overlays.png")
+    except Exception as err:  # noqa: BLE001
+        kernel.report.problem(f"overlay figure failed: {type(err).__name__}: {err}")
 
 
-def _predict(settings, image_ids, test_dir, shape, report, start, progress, stage):
-    dataset = Path(settings.dataset_dir or find_dataset(settings.input_root))
-    manifest = load_manifest(dataset / MANIFEST_NAME)
-    entries, problems = verify_files(manifest)
-    for message in problems:
-        report.problem(message)
-    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models, problems = load_models(manifest, entries, device)
-    for message in problems:
-        report.problem(message)
-    report.models = [m.entry.name for m in models]
-    stage("verify and load models")
-    if not models:
-        report.problem("no usable model: the all-empty submission stands")
-        return None
-    post = PostProcess.from_dict(manifest.postprocess)
-    print(
-        f"steelkit kernel: {len(models)} models on {device}, TTA {settings.tta}, thresholds {post.pixel_threshold}, "
-        f"min areas {post.min_area}",
-        flush=True,
+def _curves(r, result):
+    from .report import ClassCurves
+
+    axes = r.axes
+    pick = (r.threshold, r.min_component, r.label_threshold, r.min_area)
+    keys = ("threshold", "min_component", "label_threshold", "min_area")
+    chosen = tuple(int(np.argmin(np.abs(np.asarray(axes[k]) - v))) for k, v in zip(keys, pick))
+    return ClassCurves(
+        table=r.table,
+        thresholds=axes["threshold"],
+        min_components=axes["min_component"],
+        label_thresholds=axes["label_threshold"],
+        min_areas=axes["min_area"],
+        chosen=chosen,
+        default=None,
+        empty_dice=r.empty,
+        area_scale=result.area_scale,
     )
-    ensemble = Ensemble(models, settings.tta, device, settings.fp16)
-    predictions: dict = {}
-    done, unreadable, stopped = 0, 0, False
-    stream = predict_stream(ensemble, test_dir, image_ids, shape, settings.batch_size, settings.num_workers)
-    if progress:
-        from tqdm.auto import tqdm
 
-        stream = tqdm(stream, total=-(-len(image_ids) // settings.batch_size), desc="predict", mininterval=2.0)
-    for indices, probs, errors in stream:
-        for index, image_probs, error in zip(indices, probs, errors):
-            image_id = image_ids[index]
-            if error:
-                unreadable += 1
-                report.problem(f"{error}; predicted empty")
-                continue
-            masks = apply_postprocess(image_probs, post)
-            for c, class_id in enumerate(CLASS_IDS):
-                if masks[c].any():
-                    predictions[(image_id, class_id)] = encode(masks[c])
-        done += len(indices)
-        if time.perf_counter() - start > settings.time_limit:
-            report.problem(f"time limit {settings.time_limit:.0f}s reached after {done}/{len(image_ids)} images")
-            stopped = True
-            break
-    for message in ensemble.problems:
-        report.problem(message)
-    stage("predict")
-    report.counts.update(
-        {
-            "images": len(image_ids),
-            "predicted": done,
-            "unreadable": unreadable,
-            "stopped_by_time_limit": stopped,
-            "masks_per_class": {c: sum(1 for key in predictions if key[1] == c) for c in CLASS_IDS},
-            "images_per_second": round(done / max(report.stages["predict"], 1e-9), 2),
-        }
-    )
-    return predictions
+
+def _overlays(kernel: Kernel, path: Path) -> None:
+    from ..csvio import read_submission
+    from ..rle import decode
+    from .report import overlay_masks, write_overlays
+
+    if not kernel.settings.overlays or not kernel.submission.exists():
+        return
+    frame = read_submission(kernel.submission, kernel.sample, kernel.shape)
+    frame = frame[frame["EncodedPixels"] != ""]
+    tiles = []
+    for image_id in list(dict.fromkeys(frame["ImageId"]))[: kernel.settings.overlays]:
+        masks = np.zeros((NUM_CLASSES,) + tuple(kernel.shape), dtype=bool)
+        for class_id, rle in frame.loc[frame["ImageId"] == image_id, ["ClassId", "EncodedPixels"]].itertuples(False):
+            masks[int(class_id) - 1] = decode(rle, kernel.shape).astype(bool)
+        image = read_grey(kernel.test_dir / image_id, kernel.shape)
+        tiles.append(overlay_masks(image, masks, None, f"{image_id} ({kernel.written_by})"))
+    if write_overlays(tiles, path) is not None:
+        kernel.report.figures.append(path.name)

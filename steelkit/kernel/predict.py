@@ -1,4 +1,11 @@
-"""Streaming fold ensemble with flip TTA: uint8 batches in, uint8 per-class probabilities out, bounded memory."""
+"""Streaming fold ensemble with flip TTA: uint8 batches in, uint8 per-class probabilities out, bounded memory.
+
+Per model: normalisation and input scale from its manifest entry, flip TTA views reduced by the mean or by
+temperature sharpening (mean of ``p ** t``), ``softmax5`` heads turned into 4 per-class probabilities, two-headed
+models gated by their own label head (mask x label probability). Across models: a weighted mean per class over the
+models that predict the class (per-class binary segmenters add to their class only). Classifiers are predicted
+alongside: ``(B, 4)`` label probabilities ("any defect" heads are broadcast to the 4 classes).
+"""
 
 from __future__ import annotations
 
@@ -11,18 +18,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..constants import NUM_CLASSES
 from ..images import read_grey
 from ..manifest import Manifest, ModelEntry
-from ..tensors import apply_tta, normalize, resize_to, scaled_size, to_uint8, tta_views
+from ..models import label_probabilities, mask_probabilities, split_outputs
+from ..tensors import normalize, resize_to, scaled_size, to_uint8, tta_views
 
-__all__ = ["Ensemble", "LoadedModel", "TestImages", "load_models", "predict_stream"]
+__all__ = ["REDUCTIONS", "Ensemble", "LoadedModel", "TestImages", "load_models", "predict_stream"]
+
+#: how TTA views of one model are combined
+REDUCTIONS = ("mean", "sharpen")
 
 
 class TestImages(Dataset):
-    """Test images decoded as grey in DataLoader workers.
+    """Images decoded as grey in DataLoader workers (test images, or training images for out-of-fold predictions).
 
-    Items are ``(index, image, error)``: ``(1, H, W)`` uint8 and ``""``; for an unreadable image a zero image and
-    the error message (the image is then predicted empty and reported).
+    Items are ``(index, image, error)``: ``(1, H, W)`` uint8 and ``""``; for an unreadable image, or one of the wrong
+    size, a zero image and the error message (the image is then predicted empty and reported).
     """
 
     def __init__(self, folder: Path, image_ids: Sequence[str], shape: tuple[int, int]) -> None:
@@ -44,78 +56,188 @@ class TestImages(Dataset):
 
 @dataclass
 class LoadedModel:
+    """A TorchScript model with its manifest entry; ``weight`` is its weight in the ensemble mean."""
+
     entry: ModelEntry
     module: torch.jit.ScriptModule
+    weight: float = 1.0
+
+    @property
+    def kind(self) -> str:
+        return self.entry.kind
+
+    @property
+    def class_index(self) -> list[int]:
+        return [c - 1 for c in self.entry.classes]
 
 
 def load_models(
-    manifest: Manifest, entries: Sequence[ModelEntry], device: torch.device
+    manifest: Manifest, entries: Sequence[ModelEntry], device: torch.device, weights: dict[str, float] | None = None
 ) -> tuple[list[LoadedModel], list[str]]:
-    """Load TorchScript segmenters; a file that fails to load is reported and skipped."""
+    """Load TorchScript segmenters and classifiers; a file that fails to load is reported and skipped.
+
+    Args:
+        weights: ensemble weight per model name (default: the entry's ``weight``, else 1).
+    """
     loaded, problems = [], []
     for entry in entries:
-        if entry.kind != "segmenter":
-            continue
         path = manifest.path_of(entry.file)
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+                warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
                 module = torch.jit.load(str(path), map_location=device).eval()
         except Exception as err:  # noqa: BLE001 - any load failure means: skip this model, say why
-            problems.append(f"{path}: TorchScript load failed: {type(err).__name__}: {str(err).splitlines()[0]}")
+            first = (str(err).strip().splitlines() or [""])[0]
+            problems.append(f"{path}: TorchScript load failed: {type(err).__name__}: {first}")
             continue
-        loaded.append(LoadedModel(entry, module))
+        weight = float((weights or {}).get(entry.name, entry.extra.get("weight", 1.0)))
+        loaded.append(LoadedModel(entry, module, weight))
     return loaded, problems
 
 
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
 class Ensemble:
-    """Mean of the models' per-class probabilities, each over the TTA views, at full image resolution.
+    """Weighted per-class mean of the segmenters' probabilities over TTA views, at full image resolution.
 
     Args:
-        models: loaded segmenters; each is fed its own normalisation and input scale from its manifest entry.
+        models: loaded models (segmenters and classifiers); each is fed its own normalisation and input scale.
         tta: name of a TTA view set (``none``, ``h``, ``v``, ``hv``).
+        device: where the models live.
         fp16: autocast the forward passes to float16 on CUDA.
+        reduction: ``mean`` or ``sharpen`` (mean of ``p ** temperature`` over the views).
+        temperature: the sharpening exponent.
+        max_batch: images per forward pass; halved on an out-of-memory error, down to 1.
+        memory_cap: simulate an out-of-memory error for forward passes of more images than this (tests of the OOM
+            path on machines without a GPU); ``None`` = off.
     """
 
-    def __init__(self, models: Sequence[LoadedModel], tta: str, device: torch.device, fp16: bool = True) -> None:
-        if not models:
-            raise ValueError("an ensemble needs at least one model")
+    def __init__(
+        self,
+        models: Sequence[LoadedModel],
+        tta: str,
+        device: torch.device,
+        fp16: bool = True,
+        reduction: str = "mean",
+        temperature: float = 1.0,
+        max_batch: int = 64,
+        memory_cap: int | None = None,
+    ) -> None:
+        if reduction not in REDUCTIONS:
+            raise KeyError(f"unknown reduction {reduction!r}; valid: {list(REDUCTIONS)}")
         self.models = list(models)
+        self.segmenters = [m for m in self.models if m.kind == "segmenter"]
+        self.classifiers = [m for m in self.models if m.kind == "classifier"]
+        if not self.segmenters:
+            raise ValueError("an ensemble needs at least one segmenter")
         self.views = tta_views(tta)
+        self.tta = tta
         self.device = device
         self.fp16 = fp16 and device.type == "cuda"
+        self.reduction = reduction
+        self.temperature = temperature
+        self.max_batch = max_batch
+        self.memory_cap = memory_cap
         self.problems: list[str] = []
+        self.oom_events = 0
 
-    def _probs(self, model: LoadedModel, images: torch.Tensor) -> torch.Tensor:
+    def _forward(self, model: LoadedModel, x: torch.Tensor):
+        if self.memory_cap is not None and x.shape[0] > self.memory_cap:
+            raise torch.OutOfMemoryError(f"simulated out of memory: {x.shape[0]} images > memory cap {self.memory_cap}")
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
+            return split_outputs(model.module(x))
+
+    def _reduce(self, views: list[torch.Tensor]) -> torch.Tensor:
+        if self.reduction == "sharpen":
+            views = [v.clamp(0, 1) ** self.temperature for v in views]
+        out = views[0]
+        for v in views[1:]:
+            out = out + v
+        return out / len(views)
+
+    def _model_probs(self, model: LoadedModel, images: torch.Tensor):
+        """``(mask_probs (B, C, H, W) | None, label_probs (B, L) | None)`` of one model over the TTA views."""
         inputs = model.entry.input
         full = tuple(images.shape[-2:])
-        scale = float(inputs["scale"])
-        size = scaled_size(full, scale)
+        size = scaled_size(full, float(inputs["scale"]))
         x = resize_to(normalize(images, inputs["mean"], inputs["std"]), size, "area")
+        masks, labels = [], []
+        for dims in self.views:
+            mask_logits, label_logits = self._forward(model, torch.flip(x, dims) if dims else x)
+            if mask_logits is not None:
+                p = mask_probabilities(mask_logits.float(), model.entry.activation)
+                masks.append(torch.flip(p, dims) if dims else p)
+            if label_logits is not None:
+                labels.append(label_probabilities(label_logits.float()))
+        mask = None if not masks else resize_to(self._reduce(masks), full, "bilinear")
+        label = None if not labels else self._reduce(labels)
+        return mask, label
 
-        def forward(batch: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.fp16):
-                return torch.sigmoid(model.module(batch).float())
-
-        return resize_to(apply_tta(forward, x, self.views), full, "bilinear")
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1, H, W)`` uint8 on the device -> ``(B, 4, H, W)`` float32 probabilities.
-
-        A model whose output is not finite for a batch is left out of that batch's mean and reported.
-        """
-        total, used = None, 0
-        for model in self.models:
-            probs = self._probs(model, images)
-            if not torch.isfinite(probs).all():
+    def _compute(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, full = images.shape[0], tuple(images.shape[-2:])
+        total = torch.zeros((b, NUM_CLASSES) + full, device=images.device)
+        weight = torch.zeros(NUM_CLASSES, device=images.device)
+        for model in self.segmenters:
+            probs, labels = self._model_probs(model, images)
+            if (
+                probs is None
+                or not torch.isfinite(probs).all()
+                or (labels is not None and not torch.isfinite(labels).all())
+            ):
                 self.problems.append(f"{model.entry.name}: non-finite output on a batch; left out of its mean")
                 continue
-            total = probs if total is None else total + probs
-            used += 1
-        if total is None:
-            return torch.zeros((images.shape[0], 4) + tuple(images.shape[-2:]), device=images.device)
-        return total / used
+            if labels is not None and model.entry.aux_head:  # two-headed: gate its own masks (soft)
+                probs = probs * labels[:, :, None, None]
+            idx = model.class_index
+            total[:, idx] += model.weight * probs
+            weight[idx] += model.weight
+        probs = total / weight.clamp(min=1e-12).view(1, -1, 1, 1)
+        label_total = torch.zeros((b, NUM_CLASSES), device=images.device)
+        label_weight = torch.zeros(NUM_CLASSES, device=images.device)
+        for model in self.classifiers:
+            _, labels = self._model_probs(model, images)
+            if labels is None or not torch.isfinite(labels).all():
+                self.problems.append(f"{model.entry.name}: non-finite output on a batch; left out of its mean")
+                continue
+            idx = list(range(NUM_CLASSES)) if model.entry.activation == "binary" else model.class_index
+            label_total[:, idx] += model.weight * (
+                labels if labels.shape[1] == len(idx) else labels.expand(-1, len(idx))
+            )
+            label_weight[idx] += model.weight
+        if not self.classifiers or not (label_weight > 0).any():
+            return probs, None
+        # a class no classifier covers is not gated: probability 1
+        label_probs = torch.where(
+            label_weight > 0, label_total / label_weight.clamp(min=1e-12), torch.ones_like(label_total)
+        )
+        return probs, label_probs
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(B, 1, H, W)`` uint8 on the device -> ``(B, 4, H, W)`` float32 probabilities and ``(B, 4)`` label
+        probabilities (``None`` without classifiers).
+
+        Forward passes run on chunks of ``max_batch`` images; an out-of-memory error halves ``max_batch`` and retries
+        (down to one image, then the error propagates). A model whose output is not finite for a batch is left out of
+        that batch's mean and reported.
+        """
+        while True:
+            try:
+                parts = [self._compute(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+                break
+            except RuntimeError as err:
+                if not _is_oom(err) or self.max_batch <= 1:
+                    raise
+                self.max_batch = max(1, min(self.max_batch, len(images)) // 2)
+                self.oom_events += 1
+                self.problems.append(f"out of memory ({str(err).splitlines()[0]}); batch halved to {self.max_batch}")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        probs = torch.cat([p for p, _ in parts])
+        labels = None if parts[0][1] is None else torch.cat([lab for _, lab in parts])
+        return probs, labels
 
 
 def predict_stream(
@@ -125,8 +247,9 @@ def predict_stream(
     shape: tuple[int, int],
     batch_size: int,
     num_workers: int,
-) -> Iterator[tuple[list[int], np.ndarray, list[str]]]:
-    """Yield ``(indices, probs, errors)`` per batch: ``(B, 4, H, W)`` uint8 probabilities x 255 on the CPU.
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None, list[str]]]:
+    """Yield ``(indices, probs, label_probs, errors)`` per batch: ``(B, 4, H, W)`` uint8 probabilities x 255 and
+    ``(B, 4)`` float32 label probabilities (or ``None``) on the CPU.
 
     Only one batch of probabilities exists at a time, so memory is bounded whatever the test-set size.
     """
@@ -137,6 +260,10 @@ def predict_stream(
         pin_memory=ensemble.device.type == "cuda",
     )
     for indices, images, errors in loader:
-        probs = ensemble(images.to(ensemble.device, non_blocking=True))
-        probs_u8 = to_uint8(probs).cpu().numpy()
-        yield indices.tolist(), probs_u8, list(errors)
+        probs, labels = ensemble(images.to(ensemble.device, non_blocking=True))
+        yield (
+            indices.tolist(),
+            to_uint8(probs).cpu().numpy(),
+            None if labels is None else labels.float().cpu().numpy(),
+            list(errors),
+        )
