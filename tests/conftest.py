@@ -18,3 +18,57 @@ def shared_file(name: str) -> Path:
 @pytest.fixture
 def real_file():
     return shared_file
+
+
+def write_easy_competition(root: Path, n_train: int, n_test: int, shape=(64, 256), seed: int = 0) -> Path:
+    """A competition folder in the real layout whose defects a tiny model learns in a few dozen steps.
+
+    The synthetic generator (``steelkit synth``) is realistic and therefore slow to learn; kernel tests need models
+    that already beat the all-empty prediction, so this writes real grey JPEGs and real CSVs with plain, well separated
+    defects: class 1 bright squares, class 2 dark vertical lines, class 3 mid-grey horizontal bands, class 4 large
+    pale blobs, on a noisy grey background. About 40 % of images are clean. The hidden test labels are written to
+    ``root / "test_labels.csv"``.
+
+    Returns:
+        the competition folder ``root / "competition"``.
+    """
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from steelkit.rle import encode
+
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "competition"
+    h, w = shape
+    rows = {"train": [], "test": []}
+    for split, n in (("train", n_train), ("test", n_test)):
+        (folder / f"{split}_images").mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            image_id = f"{split[:2]}{i:05d}{rng.integers(16**3):03x}.jpg"
+            image = rng.normal(90, 6, shape).clip(0, 255)
+            masks = np.zeros((4,) + tuple(shape), dtype=np.uint8)
+            if rng.random() > 0.4:
+                c = int(rng.integers(4))
+                y, x = int(rng.integers(0, h - h // 2)), int(rng.integers(0, w - w // 3))
+                if c == 0:
+                    masks[0, y : y + 10, x : x + 10] = 1
+                elif c == 1:
+                    masks[1, :, x : x + 4] = 1
+                elif c == 2:
+                    masks[2, y : y + h // 3, :] = 1
+                else:
+                    masks[3, y : y + h // 2, x : x + w // 3] = 1
+                image[masks[c] > 0] = (230, 20, 150, 190)[c] + rng.normal(0, 5, int(masks[c].sum()))
+            grey = image.clip(0, 255).astype(np.uint8)
+            cv2.imwrite(str(folder / f"{split}_images" / image_id), cv2.merge([grey] * 3))
+            for c in range(4):
+                if masks[c].any():
+                    rows[split].append((image_id, c + 1, encode(masks[c])))
+            if split == "test":
+                rows.setdefault("sample", []).extend((image_id, c, "1 1") for c in range(1, 5))
+    columns = ["ImageId", "ClassId", "EncodedPixels"]
+    pd.DataFrame(rows["train"], columns=columns).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(rows["sample"], columns=columns).to_csv(folder / "sample_submission.csv", index=False)
+    pd.DataFrame(rows["test"], columns=columns).to_csv(Path(root) / "test_labels.csv", index=False)
+    return folder

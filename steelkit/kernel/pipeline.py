@@ -12,7 +12,8 @@ Stages (each can be switched off; each is planned, timed and logged with its eff
     pseudo     rounds of fine-tuning on training + confident pseudo-labelled test images; kept only when the
                out-of-fold Dice does not drop
     averaging  per fold, greedy weight averaging of shipped and fine-tuned snapshots by out-of-fold Dice
-    write      post-process, encode, validate against the sample submission, write atomically
+    write      every stage that improves the out-of-fold Dice has already post-processed, encoded, validated and
+               atomically written its submission; the last one is read back and checked against the sample
 
 A planner (:mod:`steelkit.kernel.plan`) measures throughput on the first batches, sizes every stage for the real
 test-set size and stops a stage at its deadline; ``kernel_report.json`` records the plan, each stage's estimated and
@@ -37,7 +38,7 @@ import torch
 
 from .. import __version__
 from ..constants import CLASS_IDS, IMAGE_SHAPE, NUM_CLASSES, SAMPLE_SUBMISSION_CSV, TEST_IMAGES, TRAIN_IMAGES
-from ..csvio import read_sample_submission, write_submission
+from ..csvio import read_sample_submission, read_submission, write_submission
 from ..images import read_grey
 from ..manifest import MANIFEST_NAME, load_manifest, verify_files
 from ..metric import dice_masks
@@ -522,7 +523,8 @@ class Kernel:
     def pseudo_round(self, r: int, steps: int, deadline, log) -> dict:
         """One round: select, fine-tune every fold's segmenters, score OOF, keep or roll back."""
         s = self.settings
-        chosen = select_confident(self.max_prob, self.uncertain, self.cache_labels, s.pseudo, self.readable)
+        per_class = any(m.entry.activation == "multilabel" for m in self.classifiers)
+        chosen = select_confident(self.max_prob, self.uncertain, self.cache_labels, s.pseudo, self.readable, per_class)
         info: dict[str, Any] = {"round": r, "pseudo_images": int(len(chosen)), "steps": steps}
         if len(chosen) == 0:
             info["outcome"] = "skipped: no confident test images"
@@ -620,8 +622,9 @@ class Kernel:
                 deadline.check()
                 name = model.entry.name
                 candidates = [("current", _state(model.module))]
-                if name in self.shipped:
-                    candidates.append(("shipped", self.shipped[name]))
+                shipped = self.shipped.get(name)
+                if shipped is not None and any(not torch.equal(shipped[k], candidates[0][1][k]) for k in shipped):
+                    candidates.append(("shipped", shipped))  # only when a kept pseudo round changed the weights
                 candidates += [(f"snapshot{i}", sd) for i, sd in enumerate(self.snapshots.get(name, []))]
                 candidates += [
                     (other.entry.name, _state(other.module))
@@ -717,7 +720,9 @@ def _requests(kernel: Kernel, settings: KernelSettings) -> list[StageRequest]:
     rounds = settings.pseudo.rounds
     # a pseudo round also re-predicts the OOF set and, when kept, the test set
     pseudo_fixed = rounds * (oof_units * oof_spu + n * predict_spu)
-    avg_candidates = n_seg * 3
+    pseudo_on = "pseudo" in settings.stages
+    candidates = 1 + (1 + settings.pseudo.snapshots * rounds if pseudo_on else 0)
+    avg_candidates = n_seg * max(1, 2 * candidates - 1)  # individual scores, then one try per further candidate
     write_spu = 0.004
     requests = [
         StageRequest(
@@ -840,9 +845,10 @@ def _run(kernel: Kernel) -> None:
                     )
                     kernel.write_from_cache("averaging", deadline)
                 report.oof_dice["averaging"] = oof_dice(kernel.oof, kernel.post, kernel.gate).round(5).tolist()
-            elif name == "write":
-                if kernel.written_by not in ("all-empty",) and kernel.written_by != "final":
-                    log.effect["written_by"] = kernel.written_by
+            elif name == "write":  # every improving stage wrote at once; check the file on disk once more
+                frame = read_submission(kernel.submission, kernel.sample, kernel.shape)
+                log.effect.update({"written_by": kernel.written_by, "rows": len(frame)})
+                log.effect["masks"] = int((frame["EncodedPixels"] != "").sum())
         if name == "oof" and not log.ok:
             oof_ok = kernel.oof is not None and len(kernel.oof.ids) >= 8
         if log.outcome.startswith("failed"):

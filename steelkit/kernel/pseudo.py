@@ -77,6 +77,7 @@ def select_confident(
     label_probs: np.ndarray | None,
     settings: PseudoSettings,
     usable: np.ndarray | None = None,
+    per_class_labels: bool = True,
 ) -> np.ndarray:
     """Indices of confident test images, most confident first, at most ``settings.max_images``.
 
@@ -85,21 +86,30 @@ def select_confident(
         uncertain: ``(N, 4)`` fraction of uncertain candidate pixels per class (:func:`confidence_stats`).
         label_probs: ``(N, 4)`` classifier probabilities, or ``None`` without classifiers.
         usable: ``(N,)`` bool, False for images that could not be read.
+        per_class_labels: the label probabilities are per class (multi-label classifiers); ``False`` when they are
+            one "any defect" probability broadcast to the 4 classes.
 
     An image is confident when every class is confidently absent or confidently present (with few uncertain
-    pixels), and, with a classifier, the classifier agrees on every class. Confidence = the smallest margin of any
-    class to the uncertain band.
+    pixels), and, with a classifier, the classifier agrees: per class for multi-label classifiers; for an "any
+    defect" classifier, high when the masks have a defect and low when they have none. Confidence = the smallest
+    margin of any class to the uncertain band.
     """
     absent = max_prob <= settings.low
     present = (max_prob >= settings.high) & (uncertain <= settings.max_uncertain)
     ok = absent | present
     margin = np.where(absent, settings.low - max_prob, max_prob - settings.high)
     if label_probs is not None:
-        agree = np.where(present, label_probs >= settings.label_high, label_probs <= settings.label_low)
+        if per_class_labels:
+            agree = np.where(present, label_probs >= settings.label_high, label_probs <= settings.label_low)
+            label_margin = np.where(present, label_probs - settings.label_high, settings.label_low - label_probs)
+        else:
+            any_label = label_probs.max(1, keepdims=True)
+            defect = present.any(1, keepdims=True)
+            image_margin = np.where(defect, any_label - settings.label_high, settings.label_low - any_label)
+            agree = np.broadcast_to(image_margin >= 0, ok.shape)
+            label_margin = np.broadcast_to(image_margin, ok.shape)
         ok &= agree
-        margin = np.minimum(
-            margin, np.where(present, label_probs - settings.label_high, settings.label_low - label_probs)
-        )
+        margin = np.minimum(margin, label_margin)
     chosen = ok.all(1)
     if usable is not None:
         chosen &= usable
