@@ -47,7 +47,14 @@ def _kernel(args) -> None:
     from .kernel.pseudo import PseudoSettings
 
     pseudo = PseudoSettings(
-        rounds=args.pseudo_rounds, steps=args.pseudo_steps, lr=args.pseudo_lr, batch_size=args.pseudo_batch_size
+        rounds=args.pseudo_rounds,
+        steps=args.pseudo_steps,
+        lr=args.pseudo_lr,
+        batch_size=args.pseudo_batch_size,
+        low=args.pseudo_confidence[0],
+        high=args.pseudo_confidence[1],
+        label_low=args.pseudo_label_confidence[0],
+        label_high=args.pseudo_label_confidence[1],
     )
     run_kernel(
         KernelSettings(
@@ -176,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-steps", type=int, default=40, help="fine-tuning steps per model per round")
     p.add_argument("--pseudo-lr", type=float, default=1e-4, help="fine-tuning learning rate")
     p.add_argument("--pseudo-batch-size", type=int, default=8, help="fine-tuning batch (half pseudo-labelled)")
+    p.add_argument(
+        "--pseudo-confidence",
+        type=float,
+        nargs=2,
+        default=[0.2, 0.8],
+        metavar=("LOW", "HIGH"),
+        help="a class is confidently absent below LOW and present above HIGH (max pixel probability)",
+    )
+    p.add_argument(
+        "--pseudo-label-confidence",
+        type=float,
+        nargs=2,
+        default=[0.2, 0.8],
+        metavar=("LOW", "HIGH"),
+        help="the classifier must agree: below LOW for absent, above HIGH for present",
+    )
     p.add_argument("--max-batch", type=int, default=64, help="images per forward pass (halved on out-of-memory)")
     p.add_argument("--memory-cap", type=int, default=None, help="simulate out-of-memory above this many images")
     p.add_argument("--stage-submissions", action="store_true", help="keep submission_<stage>.csv after each stage")

@@ -85,7 +85,8 @@ def test_every_stage_runs_inside_a_one_minute_budget(kit):
     root = kit["root"] / "minute"
     input_root = simulate_kaggle_input(root, kit["competition"], kit["dist"])
     args = ["--device", "cpu", "--num-workers", "0", "--time-limit", "60", "--oof-scale", "0.5", "--pseudo-steps", "3"]
-    args += ["--stage-submissions", "--quiet"]
+    args += ["--stage-submissions", "--quiet", "--pseudo-confidence", "0.3", "0.6"]
+    args += ["--pseudo-label-confidence", "0.45", "0.55"]
     start = time.perf_counter()
     result = run_kernel_subprocess(input_root, root / "working", args)
     wall = time.perf_counter() - start
@@ -97,6 +98,9 @@ def test_every_stage_runs_inside_a_one_minute_budget(kit):
     assert all(s["outcome"] in ("done", "stopped at deadline") for s in timeline.values()), timeline
     assert report["plans"][0]["stages"][0]["name"] == "predict" and len(report["plans"]) == 7
     assert set(report["oof_dice"]) >= {"ensemble", "search", "pseudo", "averaging"}
+    (round_,) = report["pseudo"]
+    assert round_["pseudo_images"] > 0 and round_["outcome"] in ("kept", "rejected: out-of-fold Dice dropped")
+    assert {a["model"] for a in report["averaging"]} == {"ktiny-fold0", "ktiny-fold1"}  # snapshots were candidates
     assert {"kernel_timeline.png", "search_curves.png"} <= set(report["figures"])
     for name in report["figures"]:
         assert (root / "working" / name).read_bytes()[:4] == b"\x89PNG"
