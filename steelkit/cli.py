@@ -115,7 +115,14 @@ def _presets(args) -> None:
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.workdir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, preset=args.preset)
+    run_demo(
+        args.workdir,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        seed=args.seed,
+        preset=args.preset,
+        kernel_time_limit=args.kernel_time_limit,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="cpu-tiny")
+    p.add_argument("--kernel-time-limit", type=float, default=240.0, help="the kernel's budget in seconds")
     p.set_defaults(func=_demo)
     return parser
 

@@ -103,7 +103,13 @@ def _overlay_png(competition: Path, submission: Path, labels: Path, path: Path, 
 
 
 def run_demo(
-    workdir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, preset: str = "cpu-tiny", offline: bool = True
+    workdir: Path,
+    n_train: int = 600,
+    n_test: int = 200,
+    seed: int = 0,
+    preset: str = "cpu-tiny",
+    offline: bool = True,
+    kernel_time_limit: float = 240.0,
 ) -> dict:
     """Run the whole product on a synthetic competition and print the submission's Dice with timings.
 
@@ -132,7 +138,7 @@ def run_demo(
 
     timed("synthesise", synthesize, competition, n_train, n_test, seed, labels_path=str(labels))
     recipe = load_recipe(preset)
-    runs = workdir / "runs" / recipe.name
+    runs = workdir / "runs"
     timed("train", train_recipe, recipe, competition, runs)
     timed("export", export_run, runs, competition)
     dist = workdir / "dist" / "steelkit-weights"
@@ -148,7 +154,8 @@ def run_demo(
     prefix = offline_prefix() if offline else []
     print(f"\n== kernel ({' '.join(prefix) or 'network NOT disabled: unshare unavailable'})", flush=True)
     start = time.perf_counter()
-    result = run_kernel_subprocess(input_root, working, ["--device", "cpu"], offline=offline)
+    kernel_args = ["--device", "cpu", "--time-limit", str(kernel_time_limit), "--stage-submissions"]
+    result = run_kernel_subprocess(input_root, working, kernel_args, offline=offline)
     timings["kernel"] = round(time.perf_counter() - start, 1)
     print(result.stdout[-4000:] + result.stderr[-2000:], flush=True)
     if result.returncode != 0:
@@ -158,6 +165,14 @@ def run_demo(
     score = score_submission_file(submission, competition / SAMPLE_SUBMISSION_CSV, labels, shape)
     _overlay_png(competition, submission, labels, workdir / "test_predictions.png", shape)
     report = json.loads((working / "kernel_report.json").read_text())
+    stage_dice = {}
+    for path in sorted(working.glob("submission_*.csv"), key=lambda p: p.stat().st_mtime):
+        stage_dice[path.stem.removeprefix("submission_")] = round(
+            score_submission_file(path, competition / SAMPLE_SUBMISSION_CSV, labels, shape).mean, 4
+        )
+    stage_seconds = {log["name"]: (log["outcome"], round(log["actual_s"] or 0.0, 1)) for log in report["timeline"]}
+    print("\nkernel stages (outcome, seconds):", json.dumps(stage_seconds), flush=True)
+    print(f"Dice of the submission written after each stage: {json.dumps(stage_dice)}", flush=True)
     summary = {
         "dice": score.mean,
         "per_class": score.per_class,
@@ -166,6 +181,9 @@ def run_demo(
         "n_pairs": score.n_pairs,
         "timings_s": timings,
         "kernel_outcome": report["outcome"],
+        "kernel_stages": stage_seconds,
+        "dice_after_stage": stage_dice,
+        "oof_dice_per_stage": report["oof_dice"],
         "kernel_problems": report["problems"],
         "network_disabled": bool(prefix),
         "submission": str(submission),
