@@ -80,10 +80,24 @@ def _kernel(args) -> None:
             max_batch=args.max_batch,
             memory_cap=args.memory_cap,
             stage_submissions=args.stage_submissions,
+            model_weights=_weights(args.model_weights),
             seed=args.seed,
         ),
         progress=not args.quiet,
     )
+
+
+def _weights(items: list[str] | None) -> dict[str, float] | None:
+    """``["cpu-tiny-fold0=2", ...]`` to ``{"cpu-tiny-fold0": 2.0}``."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model-weights {item!r} must look like MODEL_NAME=WEIGHT")
+        out[name] = float(value)
+    return out
 
 
 def _build_dataset(args) -> None:
@@ -190,25 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pseudo-steps", type=int, default=40, help="fine-tuning steps per model per round")
     p.add_argument("--pseudo-lr", type=float, default=1e-4, help="fine-tuning learning rate")
     p.add_argument("--pseudo-batch-size", type=int, default=8, help="fine-tuning batch (half pseudo-labelled)")
-    p.add_argument(
-        "--pseudo-confidence",
-        type=float,
-        nargs=2,
-        default=[0.2, 0.8],
-        metavar=("LOW", "HIGH"),
-        help="a class is confidently absent below LOW and present above HIGH (max pixel probability)",
-    )
-    p.add_argument(
-        "--pseudo-label-confidence",
-        type=float,
-        nargs=2,
-        default=[0.2, 0.8],
-        metavar=("LOW", "HIGH"),
-        help="the classifier must agree: below LOW for absent, above HIGH for present",
-    )
+    for flag, what in (
+        ("--pseudo-confidence", "a class is confidently absent below LOW and present above HIGH (max probability)"),
+        ("--pseudo-label-confidence", "the classifier must agree: below LOW for absent, above HIGH for present"),
+    ):
+        p.add_argument(flag, type=float, nargs=2, default=[0.2, 0.8], metavar=("LOW", "HIGH"), help=what)
     p.add_argument("--max-batch", type=int, default=64, help="images per forward pass (halved on out-of-memory)")
     p.add_argument("--memory-cap", type=int, default=None, help="simulate out-of-memory above this many images")
     p.add_argument("--stage-submissions", action="store_true", help="keep submission_<stage>.csv after each stage")
+    p.add_argument(
+        "--model-weights", nargs="*", default=None, metavar="NAME=W", help="ensemble weight per model (default 1)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_kernel)

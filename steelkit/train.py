@@ -514,6 +514,7 @@ def train_fold(
         "fold": fold,
         "best_epoch": best["epoch"],
         "best_metric": best["value"],
+        "metric_name": best["metric"]["name"],
         "per_class": best["metric"]["per_class"],
         "exported_metric": final_ckpt["metric"]["value"],
         "exported": final_ckpt.get("averaged_from", [best["epoch"]]),
@@ -716,7 +717,7 @@ def train(
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         print(
             f"trained {cfg.name}: {len(results)} folds on {len(data.image_ids)} images, val "
-            f"{results[0].get('name', '')}{summary['mean_metric']:.4f}, {summary['seconds']:.0f} s on {device_}"
+            f"{results[0]['metric_name']} {summary['mean_metric']:.4f}, {summary['seconds']:.0f} s on {device_}"
             + (f" x{dist_info.world_size} ranks" if dist_info.world_size > 1 else ""),
             flush=True,
         )

@@ -57,6 +57,8 @@ __all__ = ["GATES", "KernelSettings", "run_kernel"]
 GATES = ("auto", "none", "hard", "soft")
 #: every optional stage
 STAGES = ("oof", "search", "pseudo", "averaging")
+#: whole-mask minimum areas the kernel's search tries, as fractions of the image (0.001 = 410 px of 256x1600)
+KERNEL_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.006, 0.008, 0.012, 0.015, 0.03)
 
 
 @dataclass(frozen=True)
@@ -282,44 +284,49 @@ class Kernel:
 
     # ---------------------------------------------------------------------------------------------------- predict
     def predict_test(self, tta: str, deadline, log, write: bool) -> None:
-        """Stream the test set through the ensemble; cache uint8 probabilities; optionally write the submission."""
+        """Stream the test set through the ensemble into a fresh uint8 cache; optionally write the submission.
+
+        The first prediction (``write=True``) keeps whatever it finished when stopped (the rest stays empty). A
+        re-prediction after the models changed (``write=False``) replaces the cache only when it completes, so a
+        stage stopped half-way never leaves a cache that mixes predicted and empty images.
+        """
         s = self.settings
         n = len(self.image_ids)
         if self.cache_dir is None:
             self.cache_dir = Path(tempfile.mkdtemp(prefix="steelkit-cache-"))
         size = scaled_size(self.shape, s.store_scale)
-        self.cache = np.lib.format.open_memmap(
-            self.cache_dir / "test_probs.npy", mode="w+", dtype=np.uint8, shape=(n, NUM_CLASSES) + size
+        name = "test_probs.npy" if not hasattr(self, "cache") else f"test_probs_{time.monotonic_ns()}.npy"
+        cache = np.lib.format.open_memmap(
+            self.cache_dir / name, mode="w+", dtype=np.uint8, shape=(n, NUM_CLASSES) + size
         )
-        self.cache_labels = None if not self.classifiers else np.ones((n, NUM_CLASSES), dtype=np.float32)
-        self.max_prob = np.zeros((n, NUM_CLASSES), dtype=np.float32)
-        self.uncertain = np.zeros((n, NUM_CLASSES), dtype=np.float32)
-        self.readable = np.zeros(n, dtype=bool)
-        self.predicted = np.zeros(n, dtype=bool)
+        cache_labels = None if not self.classifiers else np.ones((n, NUM_CLASSES), dtype=np.float32)
+        max_prob = np.zeros((n, NUM_CLASSES), dtype=np.float32)
+        uncertain = np.zeros((n, NUM_CLASSES), dtype=np.float32)
+        readable = np.zeros(n, dtype=bool)
+        predicted = np.zeros(n, dtype=bool)
         ensemble = self.ensemble(self.models, tta)
         predictions: dict = {}
         stream = predict_stream(ensemble, self.test_dir, self.image_ids, self.shape, s.batch_size, s.num_workers)
         stream = self._bar(stream, -(-n // s.batch_size), "predict")
-        done, first, unreadable = 0, True, 0
+        done, first, unreadable, complete = 0, True, 0, False
         batch_start = time.perf_counter()
         try:
             for indices, probs, labels, errors in stream:
                 for j, (index, image_probs, error) in enumerate(zip(indices, probs, errors)):
                     if error:
                         unreadable += 1
-                        self.report.problem(f"{error}; predicted empty")
+                        if write:
+                            self.report.problem(f"{error}; predicted empty")
                         continue
-                    self.readable[index] = True
-                    self.cache[index] = _resize_probs(image_probs, size)
+                    readable[index] = True
+                    cache[index] = _resize_probs(image_probs, size)
                     if labels is not None:
-                        self.cache_labels[index] = labels[j]
-                    self.max_prob[index], self.uncertain[index] = confidence_stats(
-                        image_probs, s.pseudo.low, s.pseudo.high
-                    )
+                        cache_labels[index] = labels[j]
+                    max_prob[index], uncertain[index] = confidence_stats(image_probs, s.pseudo.low, s.pseudo.high)
                     if write:
                         label = None if labels is None else labels[j]
                         self._encode(predictions, self.image_ids[index], image_probs, self.post, "none", label, 1.0)
-                self.predicted[indices] = True
+                predicted[indices] = True
                 done += len(indices)
                 now = time.perf_counter()
                 if not first:  # the first batch pays for warm-up
@@ -328,17 +335,27 @@ class Kernel:
                 batch_start = now
                 log.units_done = done
                 deadline.check()
+            complete = True
         except StageTimeout:
-            self.report.problem(f"time limit: prediction stopped after {done}/{n} images; the rest are empty")
+            what = "the rest are empty" if write else "keeping the previous predictions"
+            self.report.problem(f"time limit: test prediction stopped after {done}/{n} images; {what}")
             raise
         finally:
             for message in ensemble.problems:
                 self.report.problem(message)
-            self.report.counts.update({"images": n, "predicted": done, "unreadable": unreadable})
-            self.cache.flush()
-            if write and predictions is not None and done:
+            cache.flush()
+            if write or complete:
+                old = getattr(self, "cache", None)
+                if old is not None and old.filename != cache.filename:
+                    Path(old.filename).unlink(missing_ok=True)  # the disk holds one test cache at a time
+                self.cache, self.cache_labels, self.max_prob, self.uncertain = cache, cache_labels, max_prob, uncertain
+                self.readable, self.predicted = readable, predicted
+                self.report.counts.update({"images": n, "predicted": done, "unreadable": unreadable})
+            if not (write or complete):
+                Path(cache.filename).unlink(missing_ok=True)
+            if write and done:
                 self._write(predictions, "ensemble")
-        if "predict" not in [k.split("/")[0] for k in self.measurements.to_dict()]:
+        if not any(k.startswith("predict/") for k in self.measurements.to_dict()):
             self.measurements.add(f"predict/{tta}", max(done, 1), time.perf_counter() - batch_start)
 
     def _bar(self, iterable, total: int, desc: str):
@@ -481,7 +498,7 @@ class Kernel:
             gates = [g for g in gates if g == s.gate] or ["none"]
         before = oof_dice(oof, self.post, self.gate)
         results = {}
-        grid = SearchGrid(min_areas=None)
+        grid = SearchGrid(area_fractions=KERNEL_AREA_FRACTIONS)
         for gate in gates:
             probs = _gated(oof.probs, oof.labels, gate)
             label_probs = oof.labels if gate == "hard" else None
@@ -710,10 +727,12 @@ def _requests(kernel: Kernel, settings: KernelSettings) -> list[StageRequest]:
     n_models = max(1, len(kernel.models))
     fold_share = max(1, len(groups))
     oof_spu = predict_spu / fold_share
-    try:
-        oof_total = len(kernel.oof_candidates()[0]) if "oof" in settings.stages and groups else 0
-    except (ValueError, OSError):
-        oof_total = 0
+    if not hasattr(kernel, "oof_total"):
+        try:
+            kernel.oof_total = len(kernel.oof_candidates()[0]) if "oof" in settings.stages and groups else 0
+        except (ValueError, OSError):
+            kernel.oof_total = 0
+    oof_total = kernel.oof_total
     oof_units = min(settings.oof_images, oof_total)
     n_seg = max(1, len(kernel.segmenters))
     step_s = kernel.measurements.seconds_per_unit("pseudo", predict_spu * settings.pseudo.batch_size * 1.5 / n_models)
@@ -804,8 +823,12 @@ def _run(kernel: Kernel) -> None:
         _log(f"plan: {line}")
     done: set[str] = set()
     oof_ok = False
-    for request in requests:
-        name = request.name
+    for name in [r.name for r in requests]:
+        if done:  # fresh estimates from what has been measured so far, for the time that is left
+            current = replan(_requests(kernel, settings), kernel.measurements, budget, done=done)
+            report.plans.append({"when": f"before {name}", **current.to_dict()})
+            if name in current and current[name].action != "run":
+                _log(f"plan: {current[name].summary_line()}")
         decision = current[name] if name in current else None
         if decision is None or decision.action == "dropped":
             if decision is not None:
@@ -829,9 +852,6 @@ def _run(kernel: Kernel) -> None:
                 kernel.predict_test(decision.variant or settings.tta, deadline, log, write=True)
             elif name == "oof":
                 kernel.predict_oof(decision.units, deadline, log)
-                oof_ok = True
-                log.effect["oof_dice"] = oof_dice(kernel.oof, kernel.post, kernel.gate).round(5).tolist()
-                report.oof_dice["ensemble"] = log.effect["oof_dice"]
             elif name == "search":
                 if kernel.search(log):
                     kernel.write_from_cache("search", deadline)
@@ -849,14 +869,16 @@ def _run(kernel: Kernel) -> None:
                 frame = read_submission(kernel.submission, kernel.sample, kernel.shape)
                 log.effect.update({"written_by": kernel.written_by, "rows": len(frame)})
                 log.effect["masks"] = int((frame["EncodedPixels"] != "").sum())
-        if name == "oof" and not log.ok:
-            oof_ok = kernel.oof is not None and len(kernel.oof.ids) >= 8
+        if name == "oof":  # a stopped stage keeps the images it finished
+            oof_ok = log.ok and kernel.oof is not None and len(kernel.oof.ids) >= 8
+            if oof_ok:
+                log.effect["oof_images"] = len(kernel.oof.ids)
+                log.effect["oof_dice"] = oof_dice(kernel.oof, kernel.post, kernel.gate).round(5).tolist()
+                report.oof_dice["ensemble"] = log.effect["oof_dice"]
         if log.outcome.startswith("failed"):
             report.problem(f"stage {name} {log.outcome}; keeping the submission written after {kernel.written_by}")
         report.stages[name] = round(time.perf_counter() - mark, 3)
         done.add(name)
-        current = replan(requests, kernel.measurements, budget, done=done)
-        report.plans.append({"when": f"after {name}", **current.to_dict()})
     report.counts["written_by"] = kernel.written_by
     report.counts["pseudo_rounds"] = report.pseudo
 
