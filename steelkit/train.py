@@ -9,7 +9,9 @@ Output layout of a job folder (a recipe writes one per job, ``OUT/<job name>/``)
     JOB/
       config.json            the TrainConfig
       folds.csv              ImageId,fold for every train image
-      fold{k}/last.pt        everything needed to resume (model, optimiser, scheduler, RNG, history)
+      fold{k}/last.pt        everything needed to resume (model, optimiser, scheduler, RNG, history); deleted once
+                             the fold is complete
+      fold{k}/fold_summary.json   the fold's result; marks it complete
       fold{k}/best.pt        {"state_dict", "config", "fold", "epoch", "metric", "image_shape", ...}
       fold{k}/top{i}.pt      the i-th best epoch when optim.top_k > 1
       fold{k}/averaged.pt    the greedy average of the top-k (averaging.greedy), same keys + "averaged_from"
@@ -361,8 +363,8 @@ def train_fold(
     """Train one fold; keep the top-k checkpoints by validation metric; write its out-of-fold probabilities.
 
     Args:
-        resume: continue from ``fold{k}/last.pt`` when it exists (after an interruption); a finished fold is not
-            retrained.
+        resume: continue from ``fold{k}/last.pt`` when it exists (after an interruption); a finished fold (its
+            ``fold_summary.json`` exists; ``last.pt`` is then deleted) is not retrained.
         stop_after_epochs: stop (as if interrupted) after this many epochs of this call; for tests of resuming.
 
     Returns:
@@ -372,6 +374,11 @@ def train_fold(
     fold_dir = Path(out_dir) / f"fold{fold}"
     fold_dir.mkdir(parents=True, exist_ok=True)
     main = dist_info.main
+    done = fold_dir / "fold_summary.json"
+    if resume and done.exists():
+        if main:
+            print(f"fold {fold}: already complete ({done}); --restart trains it again", flush=True)
+        return json.loads(done.read_text())
     seed = cfg.seed * 1000 + fold
     seed_everything(seed)
     ids = np.asarray(data.image_ids)
@@ -510,7 +517,7 @@ def train_fold(
     _barrier(dist_info)
     best = state["top"][0]
     final_ckpt = load_checkpoint(final) if main else {"metric": best["metric"], "epoch": best["epoch"]}
-    return {
+    result = {
         "fold": fold,
         "best_epoch": best["epoch"],
         "best_metric": best["value"],
@@ -522,6 +529,11 @@ def train_fold(
         "rank_digests": digests,
         "seconds": time.perf_counter() - start,
     }
+    if main:  # the fold is complete: its summary marks it done, and last.pt (3x the model) is no longer needed
+        (fold_dir / "fold_summary.json").write_text(json.dumps(result, indent=2, default=float))
+        last.unlink(missing_ok=True)
+    _barrier(dist_info)
+    return result
 
 
 def _rank_digests(model: torch.nn.Module, dist_info: DistInfo) -> list[float]:
