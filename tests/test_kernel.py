@@ -109,15 +109,16 @@ def test_every_stage_runs_inside_a_one_minute_budget(kit):
 
 
 def test_a_budget_too_small_for_later_stages_still_writes_the_plain_ensemble(kit, tmp_path):
-    """1.5 s: enough to load and predict 12 tiny images, not for the out-of-fold stages."""
+    """1.5 s: enough to load and predict 12 tiny images; the search alone is planned at 2 s or more, so it never
+    fits; whatever else the planner fits must end inside the budget."""
     start = time.perf_counter()
     report = run_kernel(settings(kit, tmp_path, time_limit=1.5, safety_margin=0.0), progress=False)
     took = time.perf_counter() - start
     timeline = {s["name"]: s for s in report["timeline"]}
     assert timeline["predict"]["outcome"] in ("done", "stopped at deadline")
     assert report["outcome"] == "ensemble written"
-    for name in ("oof", "search", "pseudo", "averaging"):
-        assert timeline[name]["outcome"] in ("dropped", "stopped at deadline"), timeline[name]
+    assert timeline["search"]["outcome"] == "dropped"
+    assert sum(s["actual_s"] for s in timeline.values()) < 1.5 + 0.5  # a batch may overrun its deadline a little
     assert took < 1.5 + 3.0  # the report and its figures are written after the budget
     valid_submission(kit, tmp_path / "submission.csv")
     assert (tmp_path / "submission.csv").read_text() == (tmp_path / "submission_ensemble.csv").read_text()
