@@ -118,8 +118,9 @@ def test_a_budget_too_small_for_later_stages_still_writes_the_plain_ensemble(kit
     assert timeline["predict"]["outcome"] in ("done", "stopped at deadline")
     assert report["outcome"] == "ensemble written"
     assert timeline["search"]["outcome"] == "dropped"
-    assert sum(s["actual_s"] for s in timeline.values()) < 1.5 + 0.5  # a batch may overrun its deadline a little
-    assert took < 1.5 + 3.0  # the report and its figures are written after the budget
+    # stages stop at their deadline between batches, so the last batch (the first one pays for warm-up) may overrun
+    assert sum(s["actual_s"] for s in timeline.values()) < 1.5 + 2.0
+    assert took < 1.5 + 2.0 + 3.0  # and the report and its figures are written after the budget
     valid_submission(kit, tmp_path / "submission.csv")
     assert (tmp_path / "submission.csv").read_text() == (tmp_path / "submission_ensemble.csv").read_text()
 
