@@ -24,10 +24,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["average_state_dicts", "GreedyResult", "greedy_average", "norm_layers", "recalibrate_batchnorm"]
+__all__ = [
+    "average_state_dicts",
+    "cpu_state_dict",
+    "GreedyResult",
+    "greedy_average",
+    "norm_layers",
+    "recalibrate_batchnorm",
+]
 
 #: how many missing / extra keys a key-mismatch error lists
 _KEYS_SHOWN = 8
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of a module's state dict (eager or TorchScript): a snapshot later training cannot change."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _check_weights(weights: Sequence[float] | None, count: int) -> list[float]:

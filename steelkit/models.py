@@ -43,6 +43,7 @@ __all__ = [
     "build_model_with_info",
     "build_segmenter",
     "label_probabilities",
+    "label_targets",
     "mask_probabilities",
     "split_outputs",
 ]
@@ -466,3 +467,16 @@ def mask_probabilities(mask_logits: Tensor, head: str) -> Tensor:
 def label_probabilities(label_logits: Tensor) -> Tensor:
     """``(N, L)`` label logits -> ``(N, L)`` float32 probabilities (independent sigmoids)."""
     return torch.sigmoid(label_logits.float())
+
+
+def label_targets(masks: Tensor, head: str, classes: Sequence[int]) -> Tensor:
+    """Image-level targets from masks: ``(N, 4, H, W)`` {0, 1} -> ``(N, L)`` float32 {0, 1}.
+
+    ``binary`` heads get "any defect" (``L = 1``); multi-label classifiers and two-headed segmenters get one label per
+    class id of ``classes``. Labels follow the (cropped, augmented) masks, so a crop without the defect is clean.
+    Training and the kernel's fine-tuning share it.
+    """
+    present = masks.flatten(2).amax(2).float()
+    if head == "binary":
+        return present.amax(1, keepdim=True)
+    return present[:, [c - 1 for c in classes]]

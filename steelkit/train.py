@@ -42,12 +42,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import __version__
+from .averaging import cpu_state_dict
 from .config import ModelConfig, OptimConfig, Recipe, TrainConfig
 from .csvio import write_csv_atomic
 from .data import SteelDataset, TrainingSet, assign_folds, build_sampler, folds_frame, load_training_set
 from .losses import build_loss
 from .metric import dice_from_areas
-from .models import build_model_with_info, label_probabilities, mask_probabilities, split_outputs
+from .models import build_model_with_info, label_probabilities, label_targets, mask_probabilities, split_outputs
 from .search import area_grid, best_of_table, class_counts, table_from_counts
 from .tensors import normalize, to_uint8
 
@@ -55,7 +56,6 @@ __all__ = [
     "DistInfo",
     "build_optimizer",
     "load_checkpoint",
-    "label_targets",
     "lr_factor",
     "predict_probs",
     "save_checkpoint",
@@ -213,16 +213,8 @@ def _class_index(cfg: TrainConfig) -> list[int]:
     return [c - 1 for c in cfg.model.classes]
 
 
-def label_targets(masks: torch.Tensor, model: ModelConfig) -> torch.Tensor:
-    """Image-level targets from masks: ``(N, 4, H, W)`` {0, 1} -> ``(N, L)`` float32 {0, 1}.
-
-    ``binary`` heads get "any defect" (``L = 1``); multi-label classifiers and two-headed segmenters get one label per
-    class of ``model.classes``. Labels follow the (cropped, augmented) masks, so a crop without the defect is clean.
-    """
-    present = masks.flatten(2).amax(2).float()
-    if model.head == "binary":
-        return present.amax(1, keepdim=True)
-    return present[:, [c - 1 for c in model.classes]]
+def _label_targets(masks: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    return label_targets(masks, model.head, model.classes)
 
 
 @torch.no_grad()
@@ -273,7 +265,7 @@ def _validate(model, loader, cfg: TrainConfig, device, progress) -> dict:
             size = tuple(masks.shape[-2:])
         if label_probs is not None:
             labels.append(label_probs.numpy())
-            label_truth.append(label_targets(masks, cfg.model).numpy())
+            label_truth.append(_label_targets(masks, cfg.model).numpy())
     out: dict = {}
     if labels:
         out.update(_label_metrics(np.concatenate(labels), np.concatenate(label_truth)))
@@ -327,7 +319,7 @@ def _label_metrics(probs: np.ndarray, truth: np.ndarray) -> dict:
 
 def _checkpoint_payload(model, cfg, fold, epoch, metric, data: TrainingSet, val_set: SteelDataset, weights) -> dict:
     return {
-        "state_dict": {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()},
+        "state_dict": cpu_state_dict(_unwrap(model)),
         "config": cfg.to_dict(),
         "fold": fold,
         "epoch": epoch,
@@ -562,10 +554,10 @@ def _loss(criterion, output, masks: torch.Tensor, cfg: TrainConfig) -> torch.Ten
     """The job's loss: masks of the model's classes; labels for classifiers; both for two-headed models."""
     mask_logits, label_logits = split_outputs(output)
     if cfg.model.kind == "classifier":
-        return criterion(label_logits, label_targets(masks, cfg.model))
+        return criterion(label_logits, _label_targets(masks, cfg.model))
     loss = criterion(mask_logits, masks[:, _class_index(cfg)])
     if label_logits is not None:
-        targets = label_targets(masks, cfg.model)
+        targets = _label_targets(masks, cfg.model)
         loss = loss + cfg.model.aux_weight * torch.nn.functional.binary_cross_entropy_with_logits(
             label_logits.float(), targets
         )
@@ -633,7 +625,7 @@ def _finalize(cfg, model, fold_dir: Path, train_set, sampler, val_loader, device
     )
     averaged = {
         **best,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        "state_dict": cpu_state_dict(net),
         "metric": metric,
         "averaged_from": [int(name[5:]) for name in result.chosen],
         "averaging": result.to_dict(),

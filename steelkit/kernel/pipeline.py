@@ -22,6 +22,7 @@ actual time and every decision, beside PNGs of the search curves, test overlays 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..averaging import cpu_state_dict
 from ..constants import CLASS_IDS, IMAGE_SHAPE, NUM_CLASSES, SAMPLE_SUBMISSION_CSV, TEST_IMAGES, TRAIN_IMAGES
 from ..csvio import read_sample_submission, read_submission, write_submission
 from ..images import read_grey
@@ -44,7 +46,7 @@ from ..manifest import MANIFEST_NAME, load_manifest, verify_files
 from ..metric import dice_masks
 from ..postprocess import PostProcess, apply_postprocess
 from ..rle import encode
-from ..tensors import scaled_size
+from ..tensors import TTA_VIEWS, scaled_size, tta_views
 from .locate import find_competition, find_dataset
 from .plan import Budget, Measurements, StageRequest, StageTimeout, Timeline, Variant, plan, replan
 from .predict import Ensemble, LoadedModel, load_models, predict_stream
@@ -187,23 +189,26 @@ class Oof:
 
 
 def _gated(probs: np.ndarray, labels: np.ndarray | None, gate: str) -> np.ndarray:
-    """Soft gating: uint8 probabilities times the classifier's probability per class (``(N, 4, h, w)``, ``(N, 4)``)."""
+    """Soft gating: uint8 probabilities times the classifier's probability per class; ``(N, 4, h, w)`` with
+    ``(N, 4)`` labels, or one image's ``(4, h, w)`` with ``(4,)``."""
     if gate != "soft" or labels is None:
         return probs
-    return np.round(probs * labels[:, :, None, None]).astype(np.uint8)
+    return np.round(probs * labels[..., None, None]).astype(np.uint8)
+
+
+def _masks(probs: np.ndarray, label: np.ndarray | None, post: PostProcess, gate: str, area_scale: float) -> np.ndarray:
+    """One image's ``(4, h, w)`` uint8 probabilities to ``(4, h, w)`` bool masks: soft gate, then the post-processing
+    with its label gate fed the classifier's ``(4,)`` probabilities (all 1 when there is no classifier)."""
+    classifier = None if post.label_source != "classifier" else (label if label is not None else np.ones(NUM_CLASSES))
+    return apply_postprocess(_gated(probs, label, gate), post, area_scale, classifier)
 
 
 def oof_dice(oof: Oof, post: PostProcess, gate: str, mask: np.ndarray | None = None) -> np.ndarray:
     """``(4,)`` mean Dice per class of the out-of-fold images (or those in ``mask``) under ``post`` and ``gate``."""
     index = np.arange(len(oof.ids)) if mask is None else np.flatnonzero(mask)
-    probs = _gated(oof.probs[index], None if oof.labels is None else oof.labels[index], gate)
-    labels = None if oof.labels is None else oof.labels[index]
     area = 1.0 / oof.area_scale
     pred = np.stack(
-        [
-            apply_postprocess(p, post, area, None if labels is None or post.label_source != "classifier" else labels[i])
-            for i, p in enumerate(probs)
-        ]
+        [_masks(oof.probs[i], None if oof.labels is None else oof.labels[i], post, gate, area) for i in index]
     )
     return dice_masks(pred, oof.truth[index]).mean(0)
 
@@ -366,10 +371,7 @@ class Kernel:
         return tqdm(iterable, total=total, desc=desc, mininterval=2.0)
 
     def _encode(self, predictions, image_id, probs, post, gate, label, area_scale) -> None:
-        if gate == "soft" and label is not None:
-            probs = np.round(probs * label[:, None, None]).astype(np.uint8)
-        classifier = None if post.label_source != "classifier" else (label if label is not None else np.ones(4))
-        masks = apply_postprocess(probs, post, area_scale, classifier)
+        masks = _masks(probs, label, post, gate, area_scale)
         for c, class_id in enumerate(CLASS_IDS):
             if masks[c].any():
                 predictions[(image_id, class_id)] = encode(masks[c])
@@ -404,22 +406,28 @@ class Kernel:
                 groups.setdefault(model.entry.fold, []).append(model)
         return {k: g for k, g in sorted(groups.items()) if any(m.kind == "segmenter" for m in g)}
 
-    def oof_candidates(self) -> tuple[list[str], np.ndarray]:
-        """Training images with their fold, from the manifest's fold file, that exist on disk."""
+    @functools.cached_property
+    def training_folds(self) -> tuple[list[str], np.ndarray]:
+        """Every training image of the first segmenter's fold file that exists on disk, with its fold; read (and the
+        disk checked) once, for the OOF stage, its planning and the pseudo-label fine-tuning."""
         import pandas as pd
 
         reference = self.segmenters[0].entry.extra.get("fold_file")
         if not reference:
             raise ValueError("the manifest's segmenters name no fold_file: no out-of-fold images")
         frame = pd.read_csv(self.manifest.path_of(reference))
-        groups = self.fold_groups()
-        frame = frame[frame["fold"].isin(list(groups))]
         train_dir = self.competition / TRAIN_IMAGES
         present = frame["ImageId"].map(lambda i: (train_dir / i).is_file())
         if (~present).any():
             self.report.problem(f"{int((~present).sum())} training images of {reference} are not in {train_dir}")
         frame = frame[present]
         return frame["ImageId"].tolist(), frame["fold"].to_numpy()
+
+    def oof_candidates(self) -> tuple[list[str], np.ndarray]:
+        """Training images held out by a fold that has models, with that fold."""
+        ids, folds = self.training_folds
+        keep = np.isin(folds, list(self.fold_groups()))
+        return [i for i, k in zip(ids, keep) if k], folds[keep]
 
     def predict_oof(self, units: int, deadline, log) -> None:
         """Predict ``units`` held-out training images (spread over the folds) with their fold's models."""
@@ -548,18 +556,14 @@ class Kernel:
             return info
         info["pseudo_defect_images"] = int((self.max_prob[chosen] >= s.pseudo.high).any(1).sum())
         before = oof_dice(self.oof, self.post, self.gate)
-        saved = {m.entry.name: _state(m.module) for m in self.segmenters}
+        saved = {m.entry.name: cpu_state_dict(m.module) for m in self.segmenters}
         saved_oof = (self.oof.probs.copy(), None if self.oof.labels is None else self.oof.labels.copy())
-        import pandas as pd
-
-        folds_frame = pd.read_csv(self.manifest.path_of(self.segmenters[0].entry.extra["fold_file"]))
-        train_dir = self.competition / TRAIN_IMAGES
+        all_ids, all_folds = self.training_folds
         pseudo_items = [self._pseudo_item(i) for i in chosen]
         round_snapshots: dict[str, list[dict]] = {}
         try:
             for k, models in self.fold_groups().items():
-                train_ids = folds_frame.loc[folds_frame["fold"] != k, "ImageId"].tolist()
-                train_ids = [i for i in train_ids if (train_dir / i).is_file()]
+                train_ids = [i for i, f in zip(all_ids, all_folds) if f != k]
                 for model in [m for m in models if m.kind == "segmenter"]:
                     size = scaled_size(self.shape, float(model.entry.input["scale"]))
                     train_set = PseudoSet([self._train_item(i) for i in train_ids], size)
@@ -611,12 +615,8 @@ class Kernel:
         area = (self.cache.shape[-2] * self.cache.shape[-1]) / (self.shape[0] * self.shape[1])
 
         def masks() -> np.ndarray:
-            probs = np.asarray(self.cache[index])
             label = None if self.cache_labels is None else self.cache_labels[index]
-            if self.gate == "soft" and label is not None:
-                probs = np.round(probs * label[:, None, None]).astype(np.uint8)
-            classifier = None if self.post.label_source != "classifier" else label
-            return apply_postprocess(probs, self.post, area, classifier).astype(np.uint8)
+            return _masks(np.asarray(self.cache[index]), label, self.post, self.gate, area).astype(np.uint8)
 
         return (lambda: read_grey(path, self.shape)), masks
 
@@ -638,13 +638,13 @@ class Kernel:
             for model in [m for m in models if m.kind == "segmenter"]:
                 deadline.check()
                 name = model.entry.name
-                candidates = [("current", _state(model.module))]
+                candidates = [("current", cpu_state_dict(model.module))]
                 shipped = self.shipped.get(name)
                 if shipped is not None and any(not torch.equal(shipped[k], candidates[0][1][k]) for k in shipped):
                     candidates.append(("shipped", shipped))  # only when a kept pseudo round changed the weights
                 candidates += [(f"snapshot{i}", sd) for i, sd in enumerate(self.snapshots.get(name, []))]
                 candidates += [
-                    (other.entry.name, _state(other.module))
+                    (other.entry.name, cpu_state_dict(other.module))
                     for other in models
                     if other is not model and _same_architecture(other, model)
                 ]
@@ -701,10 +701,6 @@ def _same_architecture(a: LoadedModel, b: LoadedModel) -> bool:
     )
 
 
-def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def _resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``(C, H, W)`` uint8 probabilities to ``(C, h, w)``: area when shrinking, bilinear when growing."""
     if tuple(probs.shape[-2:]) == tuple(size):
@@ -718,7 +714,7 @@ def _resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _requests(kernel: Kernel, settings: KernelSettings) -> list[StageRequest]:
     """What each stage would like to do, with first estimates (replaced by measurements as stages run)."""
     n = len(kernel.image_ids)
-    views = {"none": 1, "h": 2, "v": 2, "hv": 4}
+    views = {name: len(tta_views(name)) for name in TTA_VIEWS}
     per_view = kernel.measurements.seconds_per_unit(f"predict/{settings.tta}")
     per_view = (per_view or 0.05) / views[settings.tta]
     ladder = [t for t in ("hv", "h", "none") if views[t] <= views[settings.tta] and t != settings.tta]
@@ -727,12 +723,10 @@ def _requests(kernel: Kernel, settings: KernelSettings) -> list[StageRequest]:
     n_models = max(1, len(kernel.models))
     fold_share = max(1, len(groups))
     oof_spu = predict_spu / fold_share
-    if not hasattr(kernel, "oof_total"):
-        try:
-            kernel.oof_total = len(kernel.oof_candidates()[0]) if "oof" in settings.stages and groups else 0
-        except (ValueError, OSError):
-            kernel.oof_total = 0
-    oof_total = kernel.oof_total
+    try:
+        oof_total = len(kernel.oof_candidates()[0]) if "oof" in settings.stages and groups else 0
+    except (ValueError, OSError):  # no fold file: nothing to hold out
+        oof_total = 0
     oof_units = min(settings.oof_images, oof_total)
     n_seg = max(1, len(kernel.segmenters))
     step_s = kernel.measurements.seconds_per_unit("pseudo", predict_spu * settings.pseudo.batch_size * 1.5 / n_models)
@@ -888,7 +882,7 @@ def _pseudo(kernel: Kernel, decision, deadline, log) -> None:
     rounds = settings.pseudo.rounds
     n_seg = max(1, len(kernel.segmenters))
     steps = max(1, decision.units // max(1, rounds * n_seg))
-    kernel.shipped = {m.entry.name: _state(m.module) for m in kernel.segmenters}
+    kernel.shipped = {m.entry.name: cpu_state_dict(m.module) for m in kernel.segmenters}
     kept_any = False
     for r in range(rounds):
         info = kernel.pseudo_round(r, steps, deadline, log)

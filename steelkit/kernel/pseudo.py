@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from ..averaging import cpu_state_dict
 from ..losses import LOSSES
-from ..tensors import normalize, resize_to, scaled_size
+from ..models import label_targets, split_outputs
+from ..tensors import normalize
 
 __all__ = ["PseudoSettings", "confidence_stats", "finetune", "select_confident", "PseudoSet"]
 
@@ -146,8 +148,6 @@ class PseudoSet(Dataset):
 
 
 def _finetune_loss(output, masks: torch.Tensor, head: str, classes: Sequence[int], aux_head: bool) -> torch.Tensor:
-    from ..models import split_outputs
-
     mask_logits, label_logits = split_outputs(output)
     idx = [c - 1 for c in classes]
     if head == "softmax5":
@@ -156,7 +156,7 @@ def _finetune_loss(output, masks: torch.Tensor, head: str, classes: Sequence[int
         target = masks[:, idx]
         loss = LOSSES["bce"](mask_logits, target) + LOSSES["dice"](mask_logits, target)
     if aux_head and label_logits is not None:
-        labels = masks[:, idx].flatten(2).amax(2).float()
+        labels = label_targets(masks, head, classes)
         loss = loss + 0.4 * LOSSES["bce"](label_logits, labels)
     return loss
 
@@ -215,7 +215,6 @@ def finetune(
             if dims:
                 images, masks = torch.flip(images, dims), torch.flip(masks, dims)
             x = normalize(images, inputs["mean"], inputs["std"])
-            x = resize_to(x, scaled_size(x.shape[-2:], 1.0), "area")
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
                 output = module(x)
             loss = _finetune_loss(output, masks, entry.activation, entry.classes, entry.aux_head)
@@ -225,7 +224,7 @@ def finetune(
             scaler.update()
             losses.append(float(loss.detach()))
             if step in keep:
-                snapshots.append({k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+                snapshots.append(cpu_state_dict(module))
     finally:
         module.eval()
     info = {
