@@ -15,7 +15,7 @@ from .augment import build_augment, class_augment_probability, group_flags, grou
 from .config import DataConfig
 from .constants import CLASS_IDS, IMAGE_ID, TRAIN_CSV, TRAIN_IMAGES
 from .csvio import Labels, read_labels
-from .images import list_images, read_grey
+from .images import list_images, read_grey, resize_channels
 from .rle import decode
 from .tensors import scaled_size
 
@@ -62,9 +62,7 @@ class TrainingSet:
         for class_id, rle in self._rles.get(image_id, {}).items():
             out[class_id - 1] = decode(rle, self.shape, image_id, class_id)
         if size is not None and tuple(size) != tuple(self.shape):
-            h, w = size
-            out = cv2.resize(out.transpose(1, 2, 0), (w, h), interpolation=cv2.INTER_NEAREST)
-            out = out.reshape(h, w, -1).transpose(2, 0, 1)
+            out = resize_channels(out, size, cv2.INTER_NEAREST)
         return np.ascontiguousarray(out)
 
     def image_path(self, image_id: str) -> Path:

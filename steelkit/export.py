@@ -24,7 +24,7 @@ from .data import load_training_set
 from .manifest import MANIFEST_NAME, Manifest, ModelEntry, save_manifest, sha256_file
 from .models import build_model
 from .plots import plot_search
-from .search import DEFAULT_THRESHOLDS, area_grid, search_class, search_postprocess, summarize
+from .search import DEFAULT_THRESHOLDS, area_grid, search_classes, search_postprocess, summarize
 from .train import load_checkpoint
 
 __all__ = ["export_run", "job_dirs", "oof_arrays", "script_model"]
@@ -123,8 +123,7 @@ def _fold_thresholds(probs: np.ndarray, truth: np.ndarray, area_scale: float) ->
     Args:
         probs, truth: ``(N, C, h, w)`` for the model's C classes.
     """
-    min_areas = area_grid(probs.shape[-2:])
-    results = [search_class(probs[:, c], truth[:, c], DEFAULT_THRESHOLDS, min_areas) for c in range(probs.shape[1])]
+    results = search_classes(probs, truth)
     return {
         "pixel_threshold": [r.threshold for r in results],
         "min_area": [int(round(r.min_area * area_scale)) for r in results],

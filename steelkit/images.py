@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["list_images", "read_grey"]
+__all__ = ["list_images", "read_grey", "resize_channels"]
 
 
 def read_grey(path: str | os.PathLike, shape: tuple[int, int] = None) -> np.ndarray:
@@ -37,3 +37,17 @@ def read_grey(path: str | os.PathLike, shape: tuple[int, int] = None) -> np.ndar
 def list_images(folder: str | os.PathLike) -> list:
     """Sorted ``*.jpg`` file names in ``folder``."""
     return sorted(p.name for p in Path(folder).glob("*.jpg"))
+
+
+def resize_channels(stack: np.ndarray, size: tuple[int, int], interpolation: int) -> np.ndarray:
+    """Resize every channel of a ``(C, H, W)`` array to ``(C, h, w)`` in one OpenCV call (channels stay independent).
+
+    Args:
+        stack: masks or uint8 probabilities, channels first.
+        size: ``(h, w)``.
+        interpolation: ``cv2.INTER_NEAREST`` for masks, ``cv2.INTER_AREA`` to shrink and ``cv2.INTER_LINEAR`` to grow
+            probabilities.
+    """
+    h, w = size
+    out = cv2.resize(stack.transpose(1, 2, 0), (w, h), interpolation=interpolation)
+    return out.reshape(h, w, -1).transpose(2, 0, 1)

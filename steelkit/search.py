@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "ClassSearch",
     "search_class",
+    "search_classes",
     "search_postprocess",
     "summarize",
     "DEFAULT_MIN_COMPONENTS",
@@ -144,6 +145,18 @@ def area_grid(shape: tuple[int, int], fractions: Sequence[float] = DEFAULT_AREA_
     return sorted({int(round(f * shape[0] * shape[1])) for f in fractions})
 
 
+def search_classes(
+    probs: np.ndarray,
+    truth: np.ndarray,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    area_fractions: Sequence[float] = DEFAULT_AREA_FRACTIONS,
+) -> list[ClassSearch]:
+    """:func:`search_class` for every channel of ``(N, C, H, W)`` probabilities and truth (any C: a per-class binary
+    model has one); minimum areas are fractions of ``H * W``, as :func:`area_grid`."""
+    min_areas = area_grid(probs.shape[-2:], area_fractions)
+    return [search_class(probs[:, c], truth[:, c], thresholds, min_areas) for c in range(probs.shape[1])]
+
+
 def search_postprocess(
     probs: np.ndarray,
     truth: np.ndarray,
@@ -160,8 +173,7 @@ def search_postprocess(
             ``PostProcess`` holds areas in full-resolution pixels.
         thresholds, area_fractions: the grid; areas are fractions of ``H * W``.
     """
-    min_areas = area_grid(probs.shape[-2:], area_fractions)
-    results = [search_class(probs[:, c], truth[:, c], thresholds, min_areas) for c in range(probs.shape[1])]
+    results = search_classes(probs, truth, thresholds, area_fractions)
     settings = PostProcess(
         pixel_threshold=tuple(r.threshold for r in results),
         min_area=tuple(int(round(r.min_area * full_area_scale)) for r in results),

@@ -41,7 +41,7 @@ from .. import __version__
 from ..averaging import cpu_state_dict
 from ..constants import CLASS_IDS, IMAGE_SHAPE, NUM_CLASSES, SAMPLE_SUBMISSION_CSV, TEST_IMAGES, TRAIN_IMAGES
 from ..csvio import read_sample_submission, read_submission, write_submission
-from ..images import read_grey
+from ..images import read_grey, resize_channels
 from ..manifest import MANIFEST_NAME, load_manifest, verify_files
 from ..metric import dice_masks
 from ..postprocess import PostProcess, apply_postprocess
@@ -705,10 +705,8 @@ def _resize_probs(probs: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``(C, H, W)`` uint8 probabilities to ``(C, h, w)``: area when shrinking, bilinear when growing."""
     if tuple(probs.shape[-2:]) == tuple(size):
         return probs
-    h, w = size
-    shrink = h * w < probs.shape[-2] * probs.shape[-1]
-    interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(p, (w, h), interpolation=interpolation) for p in probs])
+    shrink = size[0] * size[1] < probs.shape[-2] * probs.shape[-1]
+    return resize_channels(probs, size, cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _requests(kernel: Kernel, settings: KernelSettings) -> list[StageRequest]:

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..averaging import cpu_state_dict
+from ..images import resize_channels
 from ..losses import LOSSES
 from ..models import label_targets, split_outputs
 from ..tensors import normalize
@@ -142,8 +143,7 @@ class PseudoSet(Dataset):
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
         masks = read_masks()
         if masks.shape[-2:] != (h, w):
-            masks = cv2.resize(masks.transpose(1, 2, 0), (w, h), interpolation=cv2.INTER_NEAREST)
-            masks = masks.reshape(h, w, -1).transpose(2, 0, 1)
+            masks = resize_channels(masks, (h, w), cv2.INTER_NEAREST)
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.from_numpy(np.ascontiguousarray(masks))
 
 
