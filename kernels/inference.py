@@ -136,7 +136,10 @@ def main(argv=None):
     args, rest = parse_args(argv)
     stale = file_signature(args.working_dir / "submission.csv")
     try:
-        args.working_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            args.working_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot create the working folder {args.working_dir}: {err.strerror or err}") from None
         install(find_wheel(args), args.working_dir / PACKAGES_DIR)
         import steelkit
         from steelkit.cli import main as steelkit_main

@@ -33,6 +33,7 @@ def _train(args) -> None:
         progress=not args.quiet,
         resume=not args.restart,
         jobs=args.jobs,
+        skip_bad_rows=args.skip_bad_rows,
     )
 
 
@@ -82,6 +83,7 @@ def _kernel(args) -> None:
             stage_submissions=args.stage_submissions,
             model_weights=_weights(args.model_weights),
             seed=args.seed,
+            simulate_timeout=tuple(args.simulate_timeout),
         ),
         progress=not args.quiet,
     )
@@ -165,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", nargs="*", default=None, metavar="KEY=VALUE", help="override config keys, e.g. optim.epochs=1"
     )
     p.add_argument("--restart", action="store_true", help="ignore fold*/last.pt and train from scratch")
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="drop train.csv rows with a malformed RLE (counted), do not fail"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
@@ -216,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-weights", nargs="*", default=None, metavar="NAME=W", help="ensemble weight per model (default 1)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--simulate-timeout",
+        nargs="*",
+        default=[],
+        metavar="STAGE[:N]",
+        help="rehearse the time limit: the stage's deadline passes at its N-th check (default 1)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_kernel)
 
@@ -254,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
-        print(f"steelkit {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no quotes around a KeyError's text
+        print(f"steelkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -86,6 +86,8 @@ def read_rows(path: PathLike) -> tuple[pd.DataFrame, str, tuple[str, ...]]:
     rows = np.arange(len(frame)) + 2
     if layout == "old":
         parts = frame[OLD_KEY].str.rsplit("_", n=1, expand=True)
+        if frame.empty:  # a header and no rows: split gives no columns
+            parts = pd.DataFrame({0: pd.Series(dtype=str), 1: pd.Series(dtype=str)})
         if parts.shape[1] != 2 or parts[1].isna().any():
             bad = int(np.flatnonzero(parts[1].isna())[0]) if parts.shape[1] == 2 else 0
             raise ValueError(

@@ -73,7 +73,8 @@ def load_training_set(folder: Path, on_error: str = "raise") -> TrainingSet:
     """Read ``train.csv`` and list ``train_images``; the image size is read from the first image.
 
     Raises:
-        ValueError: no images, or train.csv names images that are not on disk (lists a few).
+        ValueError: no images; a malformed train.csv row (file, row and problem; ``on_error="skip"`` drops and counts
+            them in ``labels.skipped``); or train.csv names images that are not on disk (lists a few with their rows).
     """
     folder = Path(folder)
     image_ids = list_images(folder / TRAIN_IMAGES)
@@ -81,9 +82,15 @@ def load_training_set(folder: Path, on_error: str = "raise") -> TrainingSet:
         raise ValueError(f"{folder / TRAIN_IMAGES}: no .jpg images")
     shape = read_grey(folder / TRAIN_IMAGES / image_ids[0]).shape
     labels = read_labels(folder / TRAIN_CSV, shape=shape, on_error=on_error)
-    missing = sorted(set(labels.image_ids) - set(image_ids))
+    on_disk = set(image_ids)
+    missing = [i for i in labels.image_ids if i not in on_disk]
     if missing:
-        raise ValueError(f"{folder / TRAIN_CSV}: {len(missing)} images are not in {TRAIN_IMAGES}/, e.g. {missing[:3]}")
+        rows = labels.frame.groupby(IMAGE_ID)["row"].min()
+        shown = "; ".join(f"row {rows[i]}: {i}" if i in rows.index else i for i in missing[:5])
+        raise ValueError(
+            f"{folder / TRAIN_CSV}: {len(missing)} images are not in {TRAIN_IMAGES}/ ({shown}"
+            f"{' ...' if len(missing) > 5 else ''})"
+        )
     return TrainingSet(folder, image_ids, labels, shape)
 
 

@@ -59,22 +59,32 @@ def run_kernel_subprocess(
     offline: bool = True,
     timeout: float = 3600,
     fresh: bool = True,
+    create: bool = True,
+    preexec_fn=None,
 ) -> subprocess.CompletedProcess:
     """Run ``kernels/inference.py`` as Kaggle would: a fresh process, a fresh working folder (unless
     ``fresh=False``), no network, no ``PYTHONPATH``, no pip configuration; the kernel itself installs steelkit from
-    the dataset's wheel with ``pip --no-index``."""
+    the dataset's wheel with ``pip --no-index``.
+
+    ``create=False`` leaves the working folder as it is (to rehearse one that cannot be written); ``preexec_fn`` runs
+    in the child before the kernel starts (e.g. to set a file-size limit that simulates a full disk).
+    """
     from .packaging import project_root
 
     working_dir = Path(working_dir)
-    if fresh and working_dir.exists():
-        shutil.rmtree(working_dir)
-    working_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        if fresh and working_dir.exists():
+            shutil.rmtree(working_dir)
+        working_dir.mkdir(parents=True, exist_ok=True)
     script = project_root() / "kernels" / "inference.py"
     command = [sys.executable, str(script), "--input-root", str(input_root), "--working-dir", str(working_dir)]
     command = (offline_prefix() if offline else []) + command + list(extra_args)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update({"PYTHONNOUSERSITE": "1", "PIP_NO_INDEX": "1", "PIP_CONFIG_FILE": os.devnull})
-    return subprocess.run(command, cwd=working_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    cwd = working_dir if working_dir.is_dir() else Path(input_root).parent
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn
+    )
 
 
 def _overlay_png(competition: Path, submission: Path, labels: Path, path: Path, shape, count: int = 4) -> None:

@@ -11,6 +11,9 @@ import numpy as np
 
 __all__ = ["list_images", "read_grey", "resize_channels"]
 
+#: JPEG start-of-image and end-of-image markers
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+
 
 def read_grey(path: str | os.PathLike, shape: tuple[int, int] = None) -> np.ndarray:
     """Read an image as grey.
@@ -23,12 +26,19 @@ def read_grey(path: str | os.PathLike, shape: tuple[int, int] = None) -> np.ndar
         ``(H, W)`` uint8.
 
     Raises:
-        ValueError: the file is missing, unreadable or corrupt, or not of the expected size; names the file.
+        ValueError: the file is missing, unreadable, corrupt or a truncated JPEG, or not of the expected size; names the
+            file.
     """
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_GRAYSCALE)
+    try:
+        data = np.fromfile(os.fspath(path), dtype=np.uint8)
+    except OSError:
+        raise ValueError(f"{path}: image {'missing' if not os.path.exists(path) else 'unreadable'}") from None
+    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
     if image is None:
-        reason = "missing" if not os.path.exists(path) else "unreadable or corrupt"
-        raise ValueError(f"{path}: image {reason}")
+        raise ValueError(f"{path}: image unreadable or corrupt")
+    if data[:2].tobytes() == JPEG_START and JPEG_END not in data[-32:].tobytes():
+        # OpenCV decodes a truncated JPEG without an error, filling the missing part grey
+        raise ValueError(f"{path}: truncated JPEG (no end-of-image marker)")
     if shape is not None and image.shape != tuple(shape):
         raise ValueError(f"{path}: image is {image.shape[1]}x{image.shape[0]} (WxH), expected {shape[1]}x{shape[0]}")
     return image

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .config import ModelConfig
 
 __all__ = [
+    "check_model_config",
     "ARCHITECTURES",
     "CLASSIFIERS",
     "MASK_HEADS",
@@ -249,9 +250,19 @@ def _check_encoder(cfg: ModelConfig) -> None:
         raise KeyError(
             f"unknown encoder {name!r} for {cfg.kind} {cfg.arch!r}"
             + (f" (did you mean {close}?)" if close else "")
-            + "; list the valid names with segmentation_models_pytorch.encoders.get_encoder_names(),"
-            " or use 'tu-<name>' for a model of timm.list_models()"
+            + f"; valid: {', '.join(sorted(valid))}; or 'tu-<name>' for a model of timm.list_models()"
         )
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Check a model config's names without building anything (fast: run before any data is read).
+
+    Raises:
+        KeyError: unknown architecture (listing the valid names of its kind) or unknown encoder (listing the valid
+            names).
+    """
+    _check_arch(cfg)
+    _check_encoder(cfg)
 
 
 def _smp_weights(encoder: str, weights: str | None) -> str | bool | None:

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -44,11 +45,19 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .averaging import cpu_state_dict
 from .config import ModelConfig, OptimConfig, Recipe, TrainConfig
+from .constants import TRAIN_CSV
 from .csvio import write_csv_atomic
 from .data import SteelDataset, TrainingSet, assign_folds, build_sampler, folds_frame, load_training_set
 from .losses import build_loss
 from .metric import dice_from_areas
-from .models import build_model_with_info, label_probabilities, label_targets, mask_probabilities, split_outputs
+from .models import (
+    build_model_with_info,
+    check_model_config,
+    label_probabilities,
+    label_targets,
+    mask_probabilities,
+    split_outputs,
+)
 from .search import area_grid, best_of_table, class_counts, table_from_counts
 from .tensors import normalize, to_uint8
 
@@ -402,6 +411,9 @@ def train_fold(
 
     state = {"epoch": 0, "top": [], "rows": [], "bad_epochs": 0, "finished": False}
     last = fold_dir / "last.pt"
+    if main:
+        for stale in fold_dir.glob(".*.tmp"):  # a checkpoint being written when the last run was killed
+            stale.unlink()
     if resume and last.exists():
         ckpt = load_checkpoint(last)
         _unwrap(model).load_state_dict(ckpt["state_dict"])
@@ -713,6 +725,7 @@ def train(
         "device": str(device_),
         "world_size": dist_info.world_size,
         "images": len(data.image_ids),
+        "skipped_rows": data.labels.skipped,
         "folds": results,
         "mean_metric": float(np.mean([r["exported_metric"] for r in results])),
         "seconds": time.perf_counter() - start,
@@ -737,14 +750,27 @@ def train_recipe(
     progress: bool = True,
     resume: bool = True,
     jobs: Sequence[str] | None = None,
+    skip_bad_rows: bool = False,
 ) -> dict:
-    """Train every job of a recipe (or the named ``jobs``) into ``out_dir/<job name>/``."""
+    """Train every job of a recipe (or the named ``jobs``) into ``out_dir/<job name>/``.
+
+    ``skip_bad_rows`` drops train.csv rows with a malformed RLE (counted, reported, recorded as ``skipped_rows`` in
+    each job's ``summary.json``) instead of refusing the file.
+    """
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    data = load_training_set(Path(data_dir))
     selected = [j for j in recipe.jobs if jobs is None or j.name in jobs]
     if jobs is not None and len(selected) != len(set(jobs)):
         raise KeyError(f"recipe {recipe.name!r}: unknown job(s) in {list(jobs)}; jobs: {[j.name for j in recipe.jobs]}")
+    for job in selected:  # names first: a typo fails in a second, not after the data is read
+        check_model_config(job.model)
+    data = load_training_set(Path(data_dir), on_error="skip" if skip_bad_rows else "raise")
+    if data.labels.skipped:
+        print(
+            f"{Path(data_dir) / TRAIN_CSV}: skipped {data.labels.skipped} malformed row(s) (--skip-bad-rows)",
+            file=sys.stderr,
+            flush=True,
+        )
     summaries = {
         job.name: train(job, data_dir, out_dir / job.name, device, folds_to_train, progress, resume, data)
         for job in selected

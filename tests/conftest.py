@@ -72,3 +72,42 @@ def write_easy_competition(root: Path, n_train: int, n_test: int, shape=(64, 256
     pd.DataFrame(rows["sample"], columns=columns).to_csv(folder / "sample_submission.csv", index=False)
     pd.DataFrame(rows["test"], columns=columns).to_csv(Path(root) / "test_labels.csv", index=False)
     return folder
+
+
+#: tiny and non-square: 64x384 images, trained at half resolution on 32x128 crops
+SHAPE = (64, 384)
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "model": {"arch": "unet", "encoder": "tu-test_efficientnet", "decoder_channels": [16, 16, 8, 8, 8]},
+    "data": {"scale": 0.5, "crops": [[32, 128]], "batch_size": 4, "num_workers": 0, "folds": 2},
+    "optim": {"lr": 0.003, "epochs": 2, "steps_per_epoch": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """A tiny synthetic competition, 2 trained folds, their TorchScript export and the Kaggle dataset folder (shared
+    by the end-to-end and the fault tests: build once, copy before changing anything)."""
+    from steelkit.config import TrainConfig
+    from steelkit.export import export_run
+    from steelkit.packaging import build_dataset
+    from steelkit.synth import synthesize
+    from steelkit.train import train
+
+    root = tmp_path_factory.mktemp("e2e")
+    competition = root / "competition"
+    synthesize(competition, 16, 6, seed=3, height=SHAPE[0], width=SHAPE[1], progress=False)
+    runs = root / "runs"
+    summary = train(TrainConfig.from_dict(TINY), competition, runs, device="cpu", progress=False)
+    manifest = export_run(runs, competition)
+    dist = root / "dist" / "steelkit-weights"
+    build_dataset(runs / "export" / "weights_manifest.json", dist, "tester/steelkit-weights")
+    return {
+        "root": root,
+        "competition": competition,
+        "runs": runs,
+        "summary": summary,
+        "manifest": manifest,
+        "dist": dist,
+    }

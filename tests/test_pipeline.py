@@ -1,7 +1,6 @@
 """End to end on a tiny synthetic competition: train -> TorchScript export -> dataset folder -> offline kernel."""
 
 import json
-import shutil
 import warnings
 
 import pytest
@@ -10,41 +9,8 @@ import torch
 from steelkit.config import TrainConfig
 from steelkit.csvio import read_sample_submission, read_submission
 from steelkit.demo import offline_prefix, run_kernel_subprocess, simulate_kaggle_input
-from steelkit.export import export_run
 from steelkit.manifest import load_manifest, verify_files
-from steelkit.packaging import build_dataset
-from steelkit.synth import synthesize
-from steelkit.train import train
-
-#: tiny and non-square: 64x384 images, trained at half resolution on 32x128 crops
-SHAPE = (64, 384)
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "model": {"arch": "unet", "encoder": "tu-test_efficientnet", "decoder_channels": [16, 16, 8, 8, 8]},
-    "data": {"scale": 0.5, "crops": [[32, 128]], "batch_size": 4, "num_workers": 0, "folds": 2},
-    "optim": {"lr": 0.003, "epochs": 2, "steps_per_epoch": 2},
-}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    competition = root / "competition"
-    synthesize(competition, 16, 6, seed=3, height=SHAPE[0], width=SHAPE[1], progress=False)
-    runs = root / "runs"
-    summary = train(TrainConfig.from_dict(TINY), competition, runs, device="cpu", progress=False)
-    manifest = export_run(runs, competition)
-    dist = root / "dist" / "steelkit-weights"
-    build_dataset(runs / "export" / "weights_manifest.json", dist, "tester/steelkit-weights")
-    return {
-        "root": root,
-        "competition": competition,
-        "runs": runs,
-        "summary": summary,
-        "manifest": manifest,
-        "dist": dist,
-    }
+from tests.conftest import SHAPE, TINY
 
 
 def test_training_writes_checkpoints_metrics_and_uint8_oof(built):
@@ -121,66 +87,6 @@ def test_kernel_runs_offline_from_the_dataset_folder(built, nested):
     assert report["models"] == ["tiny-fold0", "tiny-fold1"]
     assert report["problems"] == [] and report["counts"]["predicted"] == 6
     assert [s["name"] for s in report["timeline"]] == ["predict", "oof", "search", "pseudo", "averaging", "write"]
-
-
-def test_tampered_weight_is_refused_and_the_rest_still_submit(built):
-    root = built["root"] / "tampered"
-    dist = root / "dist" / "steelkit-weights"
-    shutil.copytree(built["dist"], dist)
-    data = bytearray((dist / "tiny-fold1.pt").read_bytes())
-    data[len(data) // 2] ^= 0x01
-    (dist / "tiny-fold1.pt").write_bytes(bytes(data))
-    input_root = simulate_kaggle_input(root, built["competition"], dist)
-    result = run_kernel_subprocess(input_root, root / "working", ["--device", "cpu", "--num-workers", "0"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((root / "working" / "kernel_report.json").read_text())
-    assert report["models"] == ["tiny-fold0"]
-    assert any("tiny-fold1.pt: sha256" in p for p in report["problems"])
-    assert report["outcome"].endswith(" written") and report["outcome"] != "all-empty written"
-    sample = read_sample_submission(built["competition"] / "sample_submission.csv")
-    read_submission(root / "working" / "submission.csv", sample, SHAPE)
-
-
-def test_no_usable_model_leaves_the_all_empty_submission(built):
-    root = built["root"] / "nomodel"
-    dist = root / "dist" / "steelkit-weights"
-    shutil.copytree(built["dist"], dist)
-    for pt in dist.glob("*.pt"):
-        pt.write_bytes(b"garbage")
-    input_root = simulate_kaggle_input(root, built["competition"], dist)
-    result = run_kernel_subprocess(input_root, root / "working", ["--device", "cpu", "--num-workers", "0"])
-    assert result.returncode == 0
-    report = json.loads((root / "working" / "kernel_report.json").read_text())
-    assert report["outcome"] == "all-empty written" and report["models"] == []
-    assert any("no usable model" in p for p in report["problems"])
-    sample = read_sample_submission(built["competition"] / "sample_submission.csv")
-    frame = read_submission(root / "working" / "submission.csv", sample, SHAPE)
-    assert (frame["EncodedPixels"] == "").all()
-
-
-@pytest.mark.parametrize(
-    "dataset_id, match",
-    [
-        ("noslash", "owner/slug"),
-        ("me/ab", "owner/slug"),
-        ("me/Upper-Case", "owner/slug"),
-        ("me/bad--dash", "owner/slug"),
-        ("me/-x-y", "owner/slug"),
-    ],
-)
-def test_build_dataset_refuses_ids_kaggle_would_reject(built, tmp_path, dataset_id, match):
-    with pytest.raises(ValueError, match=match):
-        build_dataset(built["runs"] / "export" / "weights_manifest.json", tmp_path / "out", dataset_id)
-    assert not (tmp_path / "out").exists()
-
-
-def test_build_dataset_refuses_a_manifest_that_disagrees_with_its_files(built, tmp_path):
-    export = tmp_path / "export"
-    shutil.copytree(built["runs"] / "export", export)
-    (export / "tiny-fold0.pt").unlink()
-    with pytest.raises(ValueError, match="tiny-fold0.pt: missing"):
-        build_dataset(export / "weights_manifest.json", tmp_path / "out", "me/steelkit-weights")
-    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out.*")) == []
 
 
 def test_without_the_wheel_the_bootstrap_writes_the_all_empty_submission(built, tmp_path):

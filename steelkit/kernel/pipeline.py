@@ -48,8 +48,18 @@ from ..postprocess import PostProcess, apply_postprocess
 from ..rle import encode
 from ..tensors import TTA_VIEWS, scaled_size, tta_views
 from .locate import find_competition, find_dataset
-from .plan import Budget, Measurements, StageRequest, StageTimeout, Timeline, Variant, plan, replan
-from .predict import Ensemble, LoadedModel, load_models, predict_stream
+from .plan import (
+    Budget,
+    ExpiringDeadline,
+    Measurements,
+    StageRequest,
+    StageTimeout,
+    Timeline,
+    Variant,
+    plan,
+    replan,
+)
+from .predict import NOTE, Ensemble, LoadedModel, load_models, predict_stream, read_fitted
 from .pseudo import PseudoSet, PseudoSettings, confidence_stats, finetune, select_confident
 
 __all__ = ["GATES", "KernelSettings", "run_kernel"]
@@ -59,6 +69,10 @@ __all__ = ["GATES", "KernelSettings", "run_kernel"]
 GATES = ("auto", "none", "hard", "soft")
 #: every optional stage
 STAGES = ("oof", "search", "pseudo", "averaging")
+#: every stage, in order (``predict`` and ``write`` always run)
+ALL_STAGES = ("predict",) + STAGES + ("write",)
+#: test images whose problem is printed one by one; the rest are counted (all are in the report)
+IMAGE_PROBLEMS_SHOWN = 10
 #: whole-mask minimum areas the kernel's search tries, as fractions of the image (0.001 = 410 px of 256x1600)
 KERNEL_AREA_FRACTIONS = (0.0, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.006, 0.008, 0.012, 0.015, 0.03)
 
@@ -89,6 +103,8 @@ class KernelSettings:
         stage_submissions: also write ``submission_<stage>.csv`` after each stage that rewrites it (for ablations).
         overlays: test images drawn with their predicted masks in ``test_overlays.png``.
         seed: seed of every random choice (OOF subset, guard splits, fine-tuning).
+        simulate_timeout: ``"stage"`` or ``"stage:N"`` entries: that stage's deadline passes at its N-th check
+            (default 1: after its first batch, step or evaluation), to rehearse the time limit in the middle of it.
     """
 
     input_root: Path = Path("/kaggle/input")
@@ -117,11 +133,25 @@ class KernelSettings:
     stage_submissions: bool = False
     overlays: int = 4
     seed: int = 0
+    simulate_timeout: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.stages) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; valid: {list(STAGES)}")
+        self.timeout_checks()  # validates
+
+    def timeout_checks(self) -> dict[str, int]:
+        """``{stage: N}`` from ``simulate_timeout``: the stage's deadline passes at its N-th check."""
+        out = {}
+        for item in self.simulate_timeout:
+            name, _, count = item.partition(":")
+            if name not in ALL_STAGES or (count and not (count.isdigit() and int(count) >= 1)):
+                raise ValueError(
+                    f"simulate_timeout {item!r} must be STAGE or STAGE:N (N >= 1), STAGE one of {list(ALL_STAGES)}"
+                )
+            out[name] = int(count or 1)
+        return out
         if self.gate not in GATES:
             raise ValueError(f"gate {self.gate!r} is not one of {list(GATES)}")
         if self.time_limit <= 0:
@@ -138,6 +168,7 @@ class Report:
     steelkit_version: str = __version__
     stages: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    image_problems: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     submission: str = ""
     outcome: str = "started"
@@ -155,15 +186,27 @@ class Report:
         print(f"steelkit kernel: PROBLEM: {message}", flush=True)
         self.problems.append(message)
 
+    def image_problem(self, message: str) -> None:
+        """A problem with one image: all are kept in ``image_problems``, the first few printed."""
+        self.image_problems.append(message)
+        if len(self.image_problems) <= IMAGE_PROBLEMS_SHOWN:
+            print(f"steelkit kernel: IMAGE: {message}", flush=True)
+        elif len(self.image_problems) == IMAGE_PROBLEMS_SHOWN + 1:
+            print("steelkit kernel: IMAGE: further image problems are counted in kernel_report.json", flush=True)
+
 
 def _write_report(report: Report, working_dir: Path) -> None:
+    """Write ``kernel_report.json`` atomically; on failure say so and leave no partial file."""
+    tmp = working_dir / ".kernel_report.json.tmp"
     try:
-        text = json.dumps(asdict(report), indent=2, default=str)
-        tmp = working_dir / ".kernel_report.json.tmp"
-        tmp.write_text(text)
+        tmp.write_text(json.dumps(asdict(report), indent=2, default=str))
         tmp.replace(working_dir / "kernel_report.json")
     except OSError as err:
-        print(f"steelkit kernel: cannot write kernel_report.json: {err}", flush=True)
+        print(f"steelkit kernel: cannot write {working_dir / 'kernel_report.json'}: {err}", flush=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _log(message: str) -> None:
@@ -245,15 +288,29 @@ class Kernel:
         self.report.submission = str(self.submission)
         self.report.outcome = "all-empty written"
         _log(f"{len(self.image_ids)} test images in {self.competition}; all-empty submission written")
+        on_disk = sum(1 for _ in self.test_dir.glob("*.jpg")) if self.test_dir.is_dir() else 0
+        self.report.counts.update({"images": len(self.image_ids), "test_images_on_disk": on_disk})
+        if not self.image_ids:
+            self.report.problem(f"{self.competition / SAMPLE_SUBMISSION_CSV} lists no images: nothing to predict")
+        elif not on_disk:
+            self.report.problem(f"{self.test_dir} holds no .jpg images: every listed image will be predicted empty")
 
-    def _image_shape(self) -> tuple[int, int]:
-        """``(H, W)`` of the test set: the first readable image's (256x1600 on Kaggle)."""
-        for image_id in self.image_ids[:20]:
-            try:
-                return read_grey(self.test_dir / image_id).shape
-            except ValueError as err:
-                self.report.problem(str(err))
-        return IMAGE_SHAPE
+    def _image_shape(self, sample: int = 20) -> tuple[int, int]:
+        """``(H, W)`` of the test set: the most common size among the first ``sample`` readable images (ties go to
+        the competition's 256x1600, then to the first seen); 256x1600 when none is readable."""
+        shapes: dict[tuple[int, int], int] = {}
+        for image_id in self.image_ids[:sample]:
+            image = cv2.imread(str(self.test_dir / image_id), cv2.IMREAD_GRAYSCALE)
+            if image is not None:
+                shapes[image.shape] = shapes.get(image.shape, 0) + 1
+        if not shapes:
+            return IMAGE_SHAPE
+        best = max(shapes.values())
+        common = [shape for shape, count in shapes.items() if count == best]
+        shape = IMAGE_SHAPE if IMAGE_SHAPE in common else common[0]
+        if len(shapes) > 1:
+            self.report.problem(f"test images of several sizes {sorted(shapes)}: predicting at {shape[1]}x{shape[0]}")
+        return shape
 
     def load(self) -> bool:
         s = self.settings
@@ -318,10 +375,13 @@ class Kernel:
         try:
             for indices, probs, labels, errors in stream:
                 for j, (index, image_probs, error) in enumerate(zip(indices, probs, errors)):
-                    if error:
+                    if error.startswith(NOTE):
+                        if write:
+                            self.report.image_problem(error[len(NOTE) :])
+                    elif error:
                         unreadable += 1
                         if write:
-                            self.report.problem(f"{error}; predicted empty")
+                            self.report.image_problem(f"{error}; predicted empty")
                         continue
                     readable[index] = True
                     cache[index] = _resize_probs(image_probs, size)
@@ -348,6 +408,11 @@ class Kernel:
         finally:
             for message in ensemble.problems:
                 self.report.problem(message)
+            if write and unreadable:
+                self.report.problem(
+                    f"{unreadable} of {n} test images could not be read: predicted empty (listed in image_problems)"
+                )
+            self.failed_models = ensemble.failed_models()
             cache.flush()
             if write or complete:
                 old = getattr(self, "cache", None)
@@ -358,8 +423,13 @@ class Kernel:
                 self.report.counts.update({"images": n, "predicted": done, "unreadable": unreadable})
             if not (write or complete):
                 Path(cache.filename).unlink(missing_ok=True)
-            if write and done:
+            if write and done and unreadable < done and ensemble.failed_images < done:
                 self._write(predictions, "ensemble")
+            elif write and done:
+                self.report.problem(
+                    "no test image got a prediction (every image unreadable or every model failed): "
+                    "the all-empty submission stands"
+                )
         if not any(k.startswith("predict/") for k in self.measurements.to_dict()):
             self.measurements.add(f"predict/{tta}", max(done, 1), time.perf_counter() - batch_start)
 
@@ -490,8 +560,9 @@ class Kernel:
             self.report.problem(message)
 
     # ---------------------------------------------------------------------------------------------------- search
-    def search(self, log) -> bool:
-        """Search post-processing and gating on the out-of-fold set; returns whether the settings changed."""
+    def search(self, log, deadline=None) -> bool:
+        """Search post-processing and gating on the out-of-fold set; returns whether the settings changed. The
+        deadline is checked after each gating mode's search."""
         from ..search import SearchGrid, search_full
 
         s = self.settings
@@ -513,6 +584,8 @@ class Kernel:
             results[gate] = search_full(
                 probs, oof.truth, grid, label_probs, defaults, oof.area_scale, True, s.search_repeats, s.seed
             )
+            if deadline is not None:
+                deadline.check()
         best_gate = max(gates, key=lambda g: (results[g].dice_after, -gates.index(g)))
         result = results[best_gate]
         after = oof_dice(oof, result.settings, best_gate)
@@ -618,7 +691,7 @@ class Kernel:
             label = None if self.cache_labels is None else self.cache_labels[index]
             return _masks(np.asarray(self.cache[index]), label, self.post, self.gate, area).astype(np.uint8)
 
-        return (lambda: read_grey(path, self.shape)), masks
+        return (lambda: read_fitted(path, self.shape)[0]), masks
 
     def _train_item(self, image_id: str):
         path = self.competition / TRAIN_IMAGES / image_id
@@ -779,7 +852,13 @@ def run_kernel(settings: KernelSettings, progress: bool = True) -> dict[str, Any
     report = Report(settings={k: str(v) for k, v in asdict(settings).items()})
     kernel = Kernel(settings, report, progress)
     start = time.perf_counter()
-    kernel.locate()
+    try:
+        kernel.locate()
+    except Exception as err:  # no sample submission, or nowhere to write: nothing can be submitted; say why, loudly
+        report.problem(f"{type(err).__name__}: {err}")
+        report.outcome = "failed: no submission written"
+        _write_report(report, kernel.working)
+        raise
     report.stages["locate and write all-empty"] = round(time.perf_counter() - start, 3)
     try:
         _run(kernel)
@@ -803,11 +882,14 @@ def run_kernel(settings: KernelSettings, progress: bool = True) -> dict[str, Any
 
 def _run(kernel: Kernel) -> None:
     settings, report, budget, timeline = kernel.settings, kernel.report, kernel.budget, kernel.timeline
+    if not kernel.image_ids:
+        return
     mark = time.perf_counter()
     loaded = kernel.load()
     report.stages["verify and load models"] = round(time.perf_counter() - mark, 3)
     if not loaded:
         return
+    simulated = settings.timeout_checks()
     requests = _requests(kernel, settings)
     current = plan(requests, budget.remaining())
     report.plans.append({"when": "start", **current.to_dict()})
@@ -838,14 +920,17 @@ def _run(kernel: Kernel) -> None:
                 allowance, min(current.allowance_s(name, remaining, math.inf), 1.5 * decision.estimated_s + 10)
             )
         deadline = budget.deadline_for(allowance, name)
+        if name in simulated:
+            deadline = ExpiringDeadline(deadline, simulated[name])
         mark = time.perf_counter()
+        saved_post = (kernel.post, kernel.gate)
         with timeline.stage(decision) as log:
             if name == "predict":
                 kernel.predict_test(decision.variant or settings.tta, deadline, log, write=True)
             elif name == "oof":
                 kernel.predict_oof(decision.units, deadline, log)
             elif name == "search":
-                if kernel.search(log):
+                if kernel.search(log, deadline):
                     kernel.write_from_cache("search", deadline)
                 report.oof_dice["search"] = log.effect["per_class_after"]
             elif name == "pseudo":
@@ -867,12 +952,40 @@ def _run(kernel: Kernel) -> None:
                 log.effect["oof_images"] = len(kernel.oof.ids)
                 log.effect["oof_dice"] = oof_dice(kernel.oof, kernel.post, kernel.gate).round(5).tolist()
                 report.oof_dice["ensemble"] = log.effect["oof_dice"]
-        if log.outcome.startswith("failed"):
+        if name == "search" and log.outcome != "done":  # keep only settings the submission was written with
+            kernel.post, kernel.gate = saved_post
+            report.postprocess = {**kernel.post.to_dict(), "gate": kernel.gate}
+        if log.outcome != "done":
             report.problem(f"stage {name} {log.outcome}; keeping the submission written after {kernel.written_by}")
+        if name == "predict":
+            if not _drop_failed_models(kernel):
+                report.stages[name] = round(time.perf_counter() - mark, 3)
+                break
         report.stages[name] = round(time.perf_counter() - mark, 3)
         done.add(name)
     report.counts["written_by"] = kernel.written_by
     report.counts["pseudo_rounds"] = report.pseudo
+
+
+def _drop_failed_models(kernel: Kernel) -> bool:
+    """After the test prediction: leave out of later stages every model that never gave finite output, and stop
+    (``False``) when no segmenter is left or no test image got a prediction."""
+    failed = set(getattr(kernel, "failed_models", []))
+    if failed:
+        kernel.report.problem(f"dropped from later stages (never a finite output): {sorted(failed)}")
+        kernel.models = [m for m in kernel.models if m.entry.name not in failed]
+        kernel.segmenters = [m for m in kernel.segmenters if m.entry.name not in failed]
+        kernel.classifiers = [m for m in kernel.classifiers if m.entry.name not in failed]
+        kernel.report.models = [m.entry.name for m in kernel.models]
+    if not kernel.segmenters:
+        kernel.report.problem("every segmenter failed: the all-empty submission stands")
+        kernel.report.outcome = "all-empty written (every model failed)"
+        return False
+    readable = getattr(kernel, "readable", None)
+    if readable is None or not readable.any():
+        kernel.report.problem("no test image could be read: the all-empty submission stands")
+        return False
+    return True
 
 
 def _pseudo(kernel: Kernel, decision, deadline, log) -> None:
@@ -952,7 +1065,7 @@ def _overlays(kernel: Kernel, path: Path) -> None:
         masks = np.zeros((NUM_CLASSES,) + tuple(kernel.shape), dtype=bool)
         for class_id, rle in frame.loc[frame["ImageId"] == image_id, ["ClassId", "EncodedPixels"]].itertuples(False):
             masks[int(class_id) - 1] = decode(rle, kernel.shape).astype(bool)
-        image = read_grey(kernel.test_dir / image_id, kernel.shape)
+        image = read_fitted(kernel.test_dir / image_id, kernel.shape)[0]
         tiles.append(overlay_masks(image, masks, None, f"{image_id} ({kernel.written_by})"))
     if write_overlays(tiles, path) is not None:
         kernel.report.figures.append(path.name)

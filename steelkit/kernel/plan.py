@@ -52,6 +52,7 @@ __all__ = [
     "ACTIONS",
     "Budget",
     "Deadline",
+    "ExpiringDeadline",
     "Decision",
     "Measurements",
     "Plan",
@@ -111,6 +112,36 @@ class Deadline:
         if left < 0:
             name = f"{self.stage} " if self.stage else ""
             raise StageTimeout(f"{name}passed its deadline by {-left:.1f} s")
+
+
+class ExpiringDeadline:
+    """A stage's deadline that also passes at its ``after``-th :meth:`check`: rehearses the time limit arriving in
+    the middle of the stage (``steelkit kernel --simulate-timeout STAGE[:N]``).
+
+    Attributes:
+        inner: the real deadline, still enforced before then.
+        after: the check that raises.
+        checks: checks so far.
+    """
+
+    def __init__(self, inner: Deadline, after: int = 1) -> None:
+        self.inner = inner
+        self.after = after
+        self.checks = 0
+        self.stage = inner.stage
+
+    def left(self) -> float:
+        return -1.0 if self.checks >= self.after else self.inner.left()
+
+    @property
+    def passed(self) -> bool:
+        return self.left() < 0
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks >= self.after:
+            raise StageTimeout(f"{self.stage} reached the simulated time limit at check {self.checks}")
+        self.inner.check()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -24,17 +25,33 @@ from ..manifest import Manifest, ModelEntry
 from ..models import label_probabilities, mask_probabilities, split_outputs
 from ..tensors import normalize, resize_to, scaled_size, to_uint8, tta_views
 
-__all__ = ["REDUCTIONS", "Ensemble", "LoadedModel", "TestImages", "load_models", "predict_stream"]
+__all__ = [
+    "NOTE",
+    "REDUCTIONS",
+    "Ensemble",
+    "LoadedModel",
+    "TestImages",
+    "load_models",
+    "predict_stream",
+    "read_fitted",
+]
 
 #: how TTA views of one model are combined
 REDUCTIONS = ("mean", "sharpen")
+#: prefix of a per-image message that is a note (the image was predicted after a repair), not an error
+NOTE = "note: "
+#: largest relative difference of aspect ratio for which an image of the wrong size is resized and predicted
+ASPECT_TOLERANCE = 0.02
 
 
 class TestImages(Dataset):
     """Images decoded as grey in DataLoader workers (test images, or training images for out-of-fold predictions).
 
-    Items are ``(index, image, error)``: ``(1, H, W)`` uint8 and ``""``; for an unreadable image, or one of the wrong
-    size, a zero image and the error message (the image is then predicted empty and reported).
+    Items are ``(index, image, message)``: ``(1, H, W)`` uint8 and ``""``. Any number of channels is read as grey. An
+    image of the wrong size with the expected aspect ratio (e.g. 800x128 for 1600x256) is resized to the expected
+    size and predicted, with a message starting with :data:`NOTE`. An unreadable image, or one of another aspect
+    ratio (e.g. rotated: the orientation cannot be known), gives a zero image and the error message: it is then
+    predicted empty and reported.
     """
 
     def __init__(self, folder: Path, image_ids: Sequence[str], shape: tuple[int, int]) -> None:
@@ -46,12 +63,30 @@ class TestImages(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int):
+        path = self.folder / self.image_ids[index]
         try:
-            image = read_grey(self.folder / self.image_ids[index], self.shape)
-            error = ""
+            image, message = read_fitted(path, self.shape)
         except ValueError as err:
-            image, error = np.zeros(self.shape, dtype=np.uint8), str(err)
-        return index, torch.from_numpy(image)[None], error
+            image, message = np.zeros(self.shape, dtype=np.uint8), str(err)
+        return index, torch.from_numpy(image)[None], message
+
+
+def read_fitted(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """Read ``path`` as grey at ``shape``: ``(image, "")``, or ``(resized image, note)`` when it had the expected
+    aspect ratio but another size.
+
+    Raises:
+        ValueError: unreadable, or of another aspect ratio (named in the message).
+    """
+    image = read_grey(path)
+    if image.shape == tuple(shape):
+        return image, ""
+    (h, w), (eh, ew) = image.shape, shape
+    found, expected = f"{w}x{h}", f"{ew}x{eh}"
+    if abs((w / h) / (ew / eh) - 1) > ASPECT_TOLERANCE:
+        raise ValueError(f"{path}: image is {found} (WxH), expected {expected}, another aspect ratio (rotated?)")
+    resized = cv2.resize(image, (ew, eh), interpolation=cv2.INTER_AREA if w > ew else cv2.INTER_LINEAR)
+    return resized, f"{NOTE}{path}: image is {found} (WxH), expected {expected}; predicted after resizing"
 
 
 @dataclass
@@ -140,8 +175,33 @@ class Ensemble:
         self.temperature = temperature
         self.max_batch = max_batch
         self.memory_cap = memory_cap
-        self.problems: list[str] = []
+        self.oom_messages: list[str] = []
         self.oom_events = 0
+        #: forward passes (chunks of at most ``max_batch`` images) run, and per model those with non-finite output
+        self.chunks = 0
+        self.non_finite: dict[str, int] = {}
+        #: images of chunks where no segmenter gave finite probabilities (predicted empty)
+        self.failed_images = 0
+
+    @property
+    def problems(self) -> list[str]:
+        """What went wrong so far, one line each: out-of-memory halvings, then models with non-finite output."""
+        lines = list(self.oom_messages)
+        for name, count in self.non_finite.items():
+            lines.append(
+                f"{name}: non-finite output (NaN or Inf) on {count} of {self.chunks} forward passes; left out of "
+                "the mean there" + ("" if count < self.chunks else ": the model never gave a usable prediction")
+            )
+        if self.failed_images:
+            lines.append(f"no segmenter gave finite output for {self.failed_images} images: predicted empty")
+        return lines
+
+    def failed_models(self) -> list[str]:
+        """Models whose every forward pass so far was non-finite (the kernel drops them)."""
+        return [name for name, count in self.non_finite.items() if self.chunks and count >= self.chunks]
+
+    def _failed(self, model: LoadedModel) -> None:
+        self.non_finite[model.entry.name] = self.non_finite.get(model.entry.name, 0) + 1
 
     def _forward(self, model: LoadedModel, x: torch.Tensor):
         if self.memory_cap is not None and x.shape[0] > self.memory_cap:
@@ -168,9 +228,12 @@ class Ensemble:
             mask_logits, label_logits = self._forward(model, torch.flip(x, dims) if dims else x)
             if mask_logits is not None:
                 p = mask_probabilities(mask_logits.float(), model.entry.activation)
+                if not torch.isfinite(mask_logits).all():  # an Inf logit is a broken model, though sigmoid(Inf) = 1
+                    p = torch.full_like(p, float("nan"))
                 masks.append(torch.flip(p, dims) if dims else p)
             if label_logits is not None:
-                labels.append(label_probabilities(label_logits.float()))
+                q = label_probabilities(label_logits.float())
+                labels.append(q if torch.isfinite(label_logits).all() else torch.full_like(q, float("nan")))
         mask = None if not masks else resize_to(self._reduce(masks), full, "bilinear")
         label = None if not labels else self._reduce(labels)
         return mask, label
@@ -186,20 +249,22 @@ class Ensemble:
                 or not torch.isfinite(probs).all()
                 or (labels is not None and not torch.isfinite(labels).all())
             ):
-                self.problems.append(f"{model.entry.name}: non-finite output on a batch; left out of its mean")
+                self._failed(model)
                 continue
             if labels is not None and model.entry.aux_head:  # two-headed: gate its own masks (soft)
                 probs = probs * labels[:, :, None, None]
             idx = model.class_index
             total[:, idx] += model.weight * probs
             weight[idx] += model.weight
+        if not (weight > 0).any():
+            self.failed_images += b
         probs = total / weight.clamp(min=1e-12).view(1, -1, 1, 1)
         label_total = torch.zeros((b, NUM_CLASSES), device=images.device)
         label_weight = torch.zeros(NUM_CLASSES, device=images.device)
         for model in self.classifiers:
             _, labels = self._model_probs(model, images)
             if labels is None or not torch.isfinite(labels).all():
-                self.problems.append(f"{model.entry.name}: non-finite output on a batch; left out of its mean")
+                self._failed(model)
                 continue
             idx = list(range(NUM_CLASSES)) if model.entry.activation == "binary" else model.class_index
             label_total[:, idx] += model.weight * (
@@ -225,14 +290,21 @@ class Ensemble:
         """
         while True:
             try:
-                parts = [self._compute(images[i : i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+                state = (self.chunks, dict(self.non_finite), self.failed_images)
+                parts = []
+                for i in range(0, len(images), self.max_batch):
+                    self.chunks += 1
+                    parts.append(self._compute(images[i : i + self.max_batch]))
                 break
             except RuntimeError as err:
                 if not _is_oom(err) or self.max_batch <= 1:
                     raise
+                self.chunks, self.non_finite, self.failed_images = state  # the retry counts the batch once
                 self.max_batch = max(1, min(self.max_batch, len(images)) // 2)
                 self.oom_events += 1
-                self.problems.append(f"out of memory ({str(err).splitlines()[0]}); batch halved to {self.max_batch}")
+                self.oom_messages.append(
+                    f"out of memory ({str(err).splitlines()[0]}); batch halved to {self.max_batch}"
+                )
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         probs = torch.cat([p for p, _ in parts])
