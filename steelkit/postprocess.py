@@ -17,6 +17,7 @@ __all__ = [
     "PostProcess",
     "apply_postprocess",
     "binarize",
+    "label_components",
     "label_scores",
     "remove_small_components",
     "threshold_level",
@@ -89,8 +90,14 @@ def binarize(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
     Returns:
         ``(C, H, W)`` bool: a pixel is on when its probability is ``>= t``.
     """
-    levels = np.array([threshold_level(t, probs.dtype) for t in thresholds])
-    return probs >= levels.reshape(-1, 1, 1)
+    levels = [threshold_level(t, probs.dtype) for t in thresholds]
+    if probs.dtype != np.uint8 or probs.ndim != 3 or not probs.flags.c_contiguous or probs.size == 0:
+        return probs >= np.array(levels).reshape(-1, 1, 1)
+    # OpenCV's uint8 threshold is several times faster than numpy's comparison; ``p > level - 1`` is ``p >= level``
+    out = np.empty(probs.shape, dtype=np.uint8)
+    for c, level in enumerate(levels):
+        cv2.threshold(probs[c], level - 1, 1, cv2.THRESH_BINARY, dst=out[c])
+    return out.view(bool)
 
 
 def threshold_level(threshold: float, dtype: np.dtype):
@@ -115,14 +122,42 @@ def label_scores(probs: np.ndarray) -> np.ndarray:
     return peak / 255.0 if probs.dtype == np.uint8 else peak
 
 
+def label_components(pixels: np.ndarray, stats: bool = False) -> tuple:
+    """8-connected components of an ``(H, W)`` uint8 image (non-zero = on), as OpenCV labels them.
+
+    Labels are uint16 when the image cannot hold 65,536 components (at most ``ceil(H / 2) * ceil(W / 2)`` fit): OpenCV
+    labels, and above all measures, several times faster with them than with int32 labels.
+
+    Returns:
+        ``(n, labels)`` or, with ``stats``, ``(n, labels, stats)``: ``n`` labels counting the background 0, ``(H, W)``
+        labels and ``(n, 5)`` int32 ``cv2.CC_STAT_*`` rows.
+    """
+    h, w = pixels.shape
+    ltype = cv2.CV_16U if ((h + 1) // 2) * ((w + 1) // 2) < 2**16 else cv2.CV_32S
+    if stats:
+        n, labels, table, _ = cv2.connectedComponentsWithStats(pixels, connectivity=8, ltype=ltype)
+        return n, labels, table
+    return cv2.connectedComponents(pixels, connectivity=8, ltype=ltype)
+
+
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop 8-connected components with fewer than ``min_size`` pixels from an ``(H, W)`` mask."""
+    """Drop 8-connected components with fewer than ``min_size`` pixels from an ``(H, W)`` mask.
+
+    Components are labelled inside the bounding box of the mask's pixels only (:func:`label_components`) and measured
+    with a ``bincount`` of their labels. The mask is returned as given when no component is dropped.
+    """
     if min_size <= 0 or not mask.any():
         return mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+    pixels = mask.view(np.uint8) if mask.dtype == bool else (mask.astype(np.uint8) != 0).view(np.uint8)
+    x, y, w, h = cv2.boundingRect(pixels)
+    n, labels = label_components(np.ascontiguousarray(pixels[y : y + h, x : x + w]))
+    keep = np.bincount(labels.ravel(), minlength=n) >= min_size
     keep[0] = False
-    return keep[labels]
+    if keep[1:].all():
+        return mask if mask.dtype == bool else pixels.view(bool)
+    out = np.zeros(mask.shape, dtype=bool)
+    out[y : y + h, x : x + w] = keep[labels]
+    return out
 
 
 def apply_postprocess(
@@ -161,6 +196,6 @@ def apply_postprocess(
     for c in range(masks.shape[0]):
         if settings.min_component[c] > 0:
             masks[c] = remove_small_components(masks[c], settings.min_component[c] * area_scale)
-        if masks[c].sum() < settings.min_area[c] * area_scale:
+        if np.count_nonzero(masks[c]) < settings.min_area[c] * area_scale:
             masks[c] = False
     return masks

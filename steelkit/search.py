@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from .metric import dice_from_areas
-from .postprocess import PostProcess, label_scores, threshold_level
+from .postprocess import PostProcess, label_components, label_scores, threshold_level
 
 __all__ = [
     "class_counts",
@@ -329,7 +329,7 @@ def component_counts(
         if not len(big):
             continue
         found = np.zeros((2, n_u, len(big)), dtype=np.int64)
-        n_low, low, stats, _ = cv2.connectedComponentsWithStats(on.astype(np.uint8), connectivity=8)
+        n_low, low, stats = label_components(on.view(np.uint8), stats=True)
         area = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
         inter = np.bincount(low[hit], minlength=n_low)[1:]
         _sum_kept(np.zeros(n_low - 1, dtype=np.int64), area, inter, big, found)
@@ -341,7 +341,7 @@ def component_counts(
                 continue
             tiles = (sub[None] >= higher[:, None, None]) & inside  # (K, h, w)
             canvas, offsets = _pack(tiles.view(np.uint8) << hit[y : y + h, x : x + w].view(np.uint8))  # 2 = truth
-            n_sub, labels, sub_stats, _ = cv2.connectedComponentsWithStats(canvas, connectivity=8)
+            n_sub, labels, sub_stats = label_components(canvas, stats=True)
             level = np.searchsorted(offsets, sub_stats[1:, cv2.CC_STAT_TOP], side="right")  # 1 + tile index
             sub_inter = np.bincount(labels[canvas == 2], minlength=n_sub)
             _sum_kept(level, sub_stats[1:, cv2.CC_STAT_AREA].astype(np.int64), sub_inter[1:], big, found)
