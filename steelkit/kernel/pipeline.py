@@ -139,6 +139,10 @@ class KernelSettings:
         unknown = sorted(set(self.stages) - set(STAGES))
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; valid: {list(STAGES)}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate {self.gate!r} is not one of {list(GATES)}")
+        if self.time_limit <= 0:
+            raise ValueError(f"time_limit must be > 0, got {self.time_limit}")
         self.timeout_checks()  # validates
 
     def timeout_checks(self) -> dict[str, int]:
@@ -152,10 +156,6 @@ class KernelSettings:
                 )
             out[name] = int(count or 1)
         return out
-        if self.gate not in GATES:
-            raise ValueError(f"gate {self.gate!r} is not one of {list(GATES)}")
-        if self.time_limit <= 0:
-            raise ValueError(f"time_limit must be > 0, got {self.time_limit}")
 
     @property
     def margin(self) -> float:

@@ -69,8 +69,8 @@ def confidence_stats(probs: np.ndarray, low: float, high: float) -> tuple[np.nda
     """
     flat = probs.reshape(probs.shape[0], -1)
     lo, hi = int(np.floor(low * 255)), int(np.ceil(high * 255))
-    above = (flat > lo).sum(1)
-    middle = above - (flat >= hi).sum(1)
+    above = np.count_nonzero(flat > lo, axis=1)  # count_nonzero: several times faster than a bool sum
+    middle = above - np.count_nonzero(flat >= hi, axis=1)
     return flat.max(1) / 255.0, np.where(above > 0, middle / np.maximum(above, 1), 0.0)
 
 
