@@ -198,8 +198,8 @@ def test_unknown_architecture_lists_the_valid_names_of_its_kind(kind, registry):
 @pytest.mark.parametrize(
     ("values", "expected"),
     [
-        (dict(arch="unet", encoder="resnet19"), ["resnet19", "get_encoder_names", "resnet18"]),
-        (dict(kind="classifier", arch="encoder", encoder="resnet19", head="binary"), ["resnet19", "get_encoder_names"]),
+        (dict(arch="unet", encoder="resnet19"), ["resnet19", "did you mean", "valid: ", "resnet18", "mobilenet_v2"]),
+        (dict(kind="classifier", arch="encoder", encoder="resnet19", head="binary"), ["resnet19", "valid: ", "vgg11"]),
         (dict(arch="fpn", encoder="tu-no_such_net"), ["tu-no_such_net", "timm.list_models"]),
         (dict(kind="classifier", arch="efficientnet", encoder="efficientnet-b9", head="binary"), ["efficientnet-b0"]),
     ],
