@@ -34,7 +34,6 @@ __all__ = [
     "load_models",
     "predict_stream",
     "read_fitted",
-    "return_freed_memory",
 ]
 
 #: how TTA views of one model are combined
@@ -319,29 +318,6 @@ class Ensemble:
         return probs, labels
 
 
-#: glibc's M_MMAP_THRESHOLD parameter of mallopt, and the size from which buffers are mapped rather than heap-allocated
-_M_MMAP_THRESHOLD, _MMAP_FROM = -3, 64 * 1024
-_heap_limited = False
-
-
-def return_freed_memory() -> bool:
-    """Ask glibc to serve buffers of 64 KiB and more by ``mmap``, so each is given back to the OS when freed.
-
-    Streaming thousands of batches of probabilities otherwise fragments the heap: the process's resident memory grew
-    from 1.4 GiB after 100 test images to 2.9 GiB after 1,000 (``bench/speed.py``), where with this setting it stays
-    near 1.1 GiB. Idempotent; returns whether the setting is in force (``False`` off glibc).
-    """
-    global _heap_limited
-    if not _heap_limited:
-        try:
-            import ctypes
-
-            _heap_limited = bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM))
-        except (OSError, AttributeError):
-            _heap_limited = False
-    return _heap_limited
-
-
 def predict_stream(
     ensemble: Ensemble,
     folder: Path,
@@ -353,10 +329,8 @@ def predict_stream(
     """Yield ``(indices, probs, label_probs, errors)`` per batch: ``(B, 4, H, W)`` uint8 probabilities x 255 and
     ``(B, 4)`` float32 label probabilities (or ``None``) on the CPU.
 
-    Only one batch of probabilities exists at a time, so memory is bounded whatever the test-set size (see
-    :func:`return_freed_memory`, applied here).
+    Only one batch of probabilities exists at a time, so memory is bounded whatever the test-set size.
     """
-    return_freed_memory()
     loader = DataLoader(
         TestImages(folder, image_ids, shape),
         batch_size=batch_size,
