@@ -86,6 +86,7 @@ def test_kernel_runs_offline_from_the_dataset_folder(built, nested):
     assert report["outcome"].endswith(" written") and report["outcome"] != "all-empty written"
     assert report["models"] == ["tiny-fold0", "tiny-fold1"]
     assert report["problems"] == [] and report["counts"]["predicted"] == 6
+    assert report["counts"]["malloc_mmap_threshold"] == "65536"  # the bootstrap re-ran itself with the setting
     assert [s["name"] for s in report["timeline"]] == ["predict", "oof", "search", "pseudo", "averaging", "write"]
 
 

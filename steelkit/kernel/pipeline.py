@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -850,6 +851,7 @@ def _requests(kernel: Kernel, settings: KernelSettings) -> list[StageRequest]:
 def run_kernel(settings: KernelSettings, progress: bool = True) -> dict[str, Any]:
     """Run the kernel end to end and return its report (also written as ``kernel_report.json``)."""
     report = Report(settings={k: str(v) for k, v in asdict(settings).items()})
+    report.counts["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")  # set by kernels/inference.py
     kernel = Kernel(settings, report, progress)
     start = time.perf_counter()
     try:
