@@ -372,8 +372,7 @@ def build_model_with_info(cfg: ModelConfig) -> tuple[nn.Module, str | None]:
 
 
 def _build_checked(cfg: ModelConfig, classes: int | None = None) -> tuple[nn.Module, str | None]:
-    _check_arch(cfg)
-    _check_encoder(cfg)
+    check_model_config(cfg)
     if cfg.kind == "segmenter":
         _decoder_kwargs(cfg)
     if cfg.encoder_weights is None:

@@ -718,39 +718,24 @@ def test_case_19_build_dataset_refuses_ids_kaggle_would_reject(built, tmp_path, 
     ],
     ids=["architecture", "encoder", "loss"],
 )
-def test_case_20_unknown_names_are_refused_with_the_valid_ones_listed(override, listed):
+def test_case_20_unknown_names_are_refused_with_the_valid_ones_listed(override, listed, capsys):
     from steelkit.cli import main
 
-    with _stderr() as err:
-        code = main(["train", "--config", "cpu-tiny", "--data", "nowhere", "--out", "nowhere", "--set", override])
+    code = main(["train", "--config", "cpu-tiny", "--data", "nowhere", "--out", "nowhere", "--set", override])
     assert code == 2
-    text = err.getvalue()
+    text = capsys.readouterr().err
     assert text.startswith("steelkit train: error: ") and text.count("\n") == 1
     for name in listed:
         assert name in text, text
 
 
-def test_case_20_an_unknown_preset_lists_the_presets():
+def test_case_20_an_unknown_preset_lists_the_presets(capsys):
     from steelkit.cli import main
 
-    with _stderr() as err:
-        code = main(["train", "--config", "second-place", "--data", "x", "--out", "y"])
-    assert code == 2 and "second-place" in err.getvalue()
-    assert all(name in err.getvalue() for name in ("cpu-tiny", "first-place", "twelfth-place"))
-
-
-def _stderr():
-    import contextlib
-    import io
-
-    buffer = io.StringIO()
-
-    @contextlib.contextmanager
-    def capture():
-        with contextlib.redirect_stderr(buffer):
-            yield buffer
-
-    return capture()
+    code = main(["train", "--config", "second-place", "--data", "x", "--out", "y"])
+    text = capsys.readouterr().err
+    assert code == 2 and "second-place" in text
+    assert all(name in text for name in ("cpu-tiny", "first-place", "twelfth-place"))
 
 
 # ------------------------------------------------------------------------------------------------------ fuzz

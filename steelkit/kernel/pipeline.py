@@ -273,6 +273,8 @@ class Kernel:
         self.oof: Oof | None = None
         self.gate = "none"
         self.snapshots: dict[str, list[dict]] = {}
+        self.failed_models: list[str] = []  # set by the test prediction: models that never gave a finite output
+        self.readable: np.ndarray | None = None  # set by the test prediction: images that could be read
         self.shipped: dict[str, dict] = {}
         self.written_by = "all-empty"
 
@@ -301,9 +303,11 @@ class Kernel:
         the competition's 256x1600, then to the first seen); 256x1600 when none is readable."""
         shapes: dict[tuple[int, int], int] = {}
         for image_id in self.image_ids[:sample]:
-            image = cv2.imread(str(self.test_dir / image_id), cv2.IMREAD_GRAYSCALE)
-            if image is not None:
-                shapes[image.shape] = shapes.get(image.shape, 0) + 1
+            try:
+                shape = read_grey(self.test_dir / image_id).shape
+            except ValueError:  # named later, when the image is predicted
+                continue
+            shapes[shape] = shapes.get(shape, 0) + 1
         if not shapes:
             return IMAGE_SHAPE
         best = max(shapes.values())
@@ -425,12 +429,7 @@ class Kernel:
             if not (write or complete):
                 Path(cache.filename).unlink(missing_ok=True)
             if write and done and unreadable < done and ensemble.failed_images < done:
-                self._write(predictions, "ensemble")
-            elif write and done:
-                self.report.problem(
-                    "no test image got a prediction (every image unreadable or every model failed): "
-                    "the all-empty submission stands"
-                )
+                self._write(predictions, "ensemble")  # otherwise _drop_failed_models says why nothing was written
         if not any(k.startswith("predict/") for k in self.measurements.to_dict()):
             self.measurements.add(f"predict/{tta}", max(done, 1), time.perf_counter() - batch_start)
 
@@ -959,12 +958,10 @@ def _run(kernel: Kernel) -> None:
             report.postprocess = {**kernel.post.to_dict(), "gate": kernel.gate}
         if log.outcome != "done":
             report.problem(f"stage {name} {log.outcome}; keeping the submission written after {kernel.written_by}")
-        if name == "predict":
-            if not _drop_failed_models(kernel):
-                report.stages[name] = round(time.perf_counter() - mark, 3)
-                break
         report.stages[name] = round(time.perf_counter() - mark, 3)
         done.add(name)
+        if name == "predict" and not _drop_failed_models(kernel):
+            break
     report.counts["written_by"] = kernel.written_by
     report.counts["pseudo_rounds"] = report.pseudo
 
@@ -972,7 +969,7 @@ def _run(kernel: Kernel) -> None:
 def _drop_failed_models(kernel: Kernel) -> bool:
     """After the test prediction: leave out of later stages every model that never gave finite output, and stop
     (``False``) when no segmenter is left or no test image got a prediction."""
-    failed = set(getattr(kernel, "failed_models", []))
+    failed = set(kernel.failed_models)
     if failed:
         kernel.report.problem(f"dropped from later stages (never a finite output): {sorted(failed)}")
         kernel.models = [m for m in kernel.models if m.entry.name not in failed]
@@ -983,8 +980,7 @@ def _drop_failed_models(kernel: Kernel) -> bool:
         kernel.report.problem("every segmenter failed: the all-empty submission stands")
         kernel.report.outcome = "all-empty written (every model failed)"
         return False
-    readable = getattr(kernel, "readable", None)
-    if readable is None or not readable.any():
+    if kernel.readable is None or not kernel.readable.any():
         kernel.report.problem("no test image could be read: the all-empty submission stands")
         return False
     return True

@@ -225,8 +225,8 @@ class Ensemble:
         return out.div_(len(views)) if len(views) > 1 else out
 
     def _model_probs(self, model: LoadedModel, images: torch.Tensor):
-        """``(mask_probs (B, C, H, W) | None, label_probs (B, L) | None, finite)`` of one model over the TTA views;
-        ``finite`` is False (and the probabilities ``None``) when any logit of any view is NaN or Inf."""
+        """``(mask_probs (B, C, H, W) | None, label_probs (B, L) | None)`` of one model over the TTA views; both
+        ``None`` when any logit of any view is NaN or Inf."""
         inputs = model.entry.input
         full = tuple(images.shape[-2:])
         size = scaled_size(full, float(inputs["scale"]))
@@ -235,7 +235,7 @@ class Ensemble:
         for dims in self.views:
             mask_logits, label_logits = self._forward(model, torch.flip(x, dims) if dims else x)
             if not (_finite(mask_logits) and _finite(label_logits)):
-                return None, None, False
+                return None, None
             if mask_logits is not None:
                 p = mask_probabilities(mask_logits.float(), model.entry.activation)
                 masks.append(torch.flip(p, dims) if dims else p)
@@ -243,15 +243,15 @@ class Ensemble:
                 labels.append(label_probabilities(label_logits.float()))
         mask = None if not masks else resize_to(self._reduce(masks), full, "bilinear")
         label = None if not labels else self._reduce(labels)
-        return mask, label, True
+        return mask, label
 
     def _compute(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, full = images.shape[0], tuple(images.shape[-2:])
         total = torch.zeros((b, NUM_CLASSES) + full, device=images.device)
         weight = torch.zeros(NUM_CLASSES, device=images.device)
         for model in self.segmenters:
-            probs, labels, finite = self._model_probs(model, images)
-            if not finite or probs is None:
+            probs, labels = self._model_probs(model, images)
+            if probs is None:
                 self._failed(model)
                 continue
             if labels is not None and model.entry.aux_head:  # two-headed: gate its own masks (soft)
@@ -268,8 +268,8 @@ class Ensemble:
         label_total = torch.zeros((b, NUM_CLASSES), device=images.device)
         label_weight = torch.zeros(NUM_CLASSES, device=images.device)
         for model in self.classifiers:
-            _, labels, finite = self._model_probs(model, images)
-            if not finite or labels is None:
+            _, labels = self._model_probs(model, images)
+            if labels is None:
                 self._failed(model)
                 continue
             idx = list(range(NUM_CLASSES)) if model.entry.activation == "binary" else model.class_index
